@@ -1,0 +1,188 @@
+"""The whole error tree of remote-exec.
+
+::
+
+    RemoteExecError
+    ├── ExecutorStateError (also RuntimeError)   executor used before start / after stop
+    ├── RemoteExecConnectionError (also ConnectionError)
+    │   └── ConnectionLostError                  the peer went away mid-call
+    ├── ProtocolError                            a peer broke the wire protocol
+    │   ├── FrameError                           bad header, lengths or size cap
+    │   └── CodecError                           body could not be encoded/decoded
+    ├── RegistryError
+    │   ├── UnknownInstanceError (also KeyError) the object/name is not held
+    │   ├── DuplicateInstanceError (also ValueError)
+    │   └── NotAllowedError (also PermissionError)  off the allow-list, private name
+    ├── TooManyCallsError                        per-connection in-flight cap reached
+    ├── SubscriberOverflowError                  an event subscriber fell behind
+    └── RemoteException                          raised by the remote code itself
+
+``RemoteException`` is the public name fixed by the contract. When the remote type
+is a builtin exception, the raised object is an instance of a class that derives
+from both ``RemoteException`` and the builtin, so ``except ValueError`` works
+across the wire.
+"""
+
+from __future__ import annotations
+
+import builtins
+from typing import Any
+
+__all__ = [
+    "CodecError",
+    "ConnectionLostError",
+    "DuplicateInstanceError",
+    "ExecutorStateError",
+    "FrameError",
+    "NotAllowedError",
+    "ProtocolError",
+    "RegistryError",
+    "RemoteException",
+    "RemoteExecConnectionError",
+    "RemoteExecError",
+    "SubscriberOverflowError",
+    "TooManyCallsError",
+    "UnknownInstanceError",
+    "remote_exception",
+]
+
+
+class RemoteExecError(Exception):
+    """Root of every error remote-exec raises itself."""
+
+
+class ExecutorStateError(RemoteExecError, RuntimeError):
+    """An executor was used before it was started or after it was stopped."""
+
+
+class RemoteExecConnectionError(RemoteExecError, ConnectionError):
+    """The transport to the remote side could not be opened or was lost."""
+
+
+class ConnectionLostError(RemoteExecConnectionError):
+    """The connection went away while calls or streams were waiting on it."""
+
+
+class ProtocolError(RemoteExecError):
+    """The peer sent something the wire protocol does not allow."""
+
+
+class FrameError(ProtocolError):
+    """A frame header or its lengths are invalid, or it exceeds the size cap."""
+
+
+class CodecError(ProtocolError):
+    """A body could not be encoded or decoded (unknown tag, depth, type...)."""
+
+
+class RegistryError(RemoteExecError):
+    """A problem with named instances, classes or coders."""
+
+
+class UnknownInstanceError(RegistryError, KeyError):
+    """The object or name is not held by the registry of this executor."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class DuplicateInstanceError(RegistryError, ValueError):
+    """An instance name (or object) is already registered."""
+
+
+class NotAllowedError(RegistryError, PermissionError):
+    """The request touches a module, class or name the server does not allow."""
+
+
+class TooManyCallsError(RemoteExecError):
+    """The connection already has as many calls in flight as the server allows."""
+
+
+class SubscriberOverflowError(RemoteExecError):
+    """An event subscriber fell too far behind and was dropped."""
+
+
+class RemoteException(RemoteExecError):
+    """An exception raised by the remote code.
+
+    Attributes:
+        remote_type: the qualified name of the remote exception type.
+        remote_traceback: the remote traceback, formatted as text.
+    """
+
+    remote_type: str
+    remote_traceback: str
+
+    def __init__(self, message: str = "", remote_type: str = "", remote_traceback: str = ""):
+        super().__init__(message)
+        self.remote_type = remote_type
+        self.remote_traceback = remote_traceback
+
+
+_remote_builtin_classes: dict[type[BaseException], type[RemoteException]] = {}
+
+# Errors of our own that travel back as themselves (they are "builtin" to us).
+_OWN_ERRORS: dict[str, type[RemoteExecError]] = {
+    cls.__name__: cls
+    for cls in (
+        UnknownInstanceError,
+        DuplicateInstanceError,
+        NotAllowedError,
+        TooManyCallsError,
+        SubscriberOverflowError,
+        CodecError,
+        ProtocolError,
+        ExecutorStateError,
+    )
+}
+
+
+def _class_for(remote_type: str) -> type[RemoteException]:
+    """The class a remote error of type ``remote_type`` arrives as."""
+    short = remote_type.rsplit(".", 1)[-1]
+    base: type[BaseException] | None = None
+    if remote_type.startswith("remote_exec.") and short in _OWN_ERRORS:
+        base = _OWN_ERRORS[short]
+    elif "." not in remote_type or remote_type.startswith("builtins."):
+        candidate = getattr(builtins, short, None)
+        if (
+            isinstance(candidate, type)
+            and issubclass(candidate, Exception)
+            and not issubclass(candidate, (StopIteration, StopAsyncIteration))
+        ):
+            base = candidate
+    if base is None:
+        return RemoteException
+    cls = _remote_builtin_classes.get(base)
+    if cls is None:
+        # A class deriving from both: ``except ValueError`` keeps working.
+        cls = type(f"Remote{base.__name__}", (RemoteException, base), {"__module__": __name__})
+        _remote_builtin_classes[base] = cls
+    return cls
+
+
+def remote_exception(remote_type: str, message: str, remote_traceback: str) -> RemoteException:
+    """Build the exception a caller sees for an error raised on the remote side."""
+    cls = _class_for(remote_type)
+    exc: Any = cls.__new__(cls)
+    # Initialise both bases; builtins such as KeyError/OSError take plain args.
+    Exception.__init__(exc, message)
+    exc.remote_type = remote_type
+    exc.remote_traceback = remote_traceback
+    if remote_traceback:
+        exc.add_note(f"Remote traceback ({remote_type}):\n{remote_traceback.rstrip()}")
+    result: RemoteException = exc
+    return result
+
+
+def exception_type_name(exc: BaseException) -> str:
+    """The qualified type name sent over the wire for ``exc``."""
+    cls = type(exc)
+    if isinstance(exc, RemoteException) and exc.remote_type:
+        return exc.remote_type
+    module = cls.__module__
+    if module == "builtins":
+        return cls.__qualname__
+    if module.startswith("remote_exec"):
+        return f"remote_exec.{cls.__qualname__}"
+    return f"{module}.{cls.__qualname__}"

@@ -1,0 +1,190 @@
+"""Frames: a fixed header, an encoded body, then out-of-band binary buffers.
+
+Every message of remote-exec travels as one frame. Over a websocket a frame is
+one binary message; over a byte stream (the process executor) frames follow one
+another, and the header says how many bytes the rest of the frame takes.
+
+All integers are little-endian and unsigned.
+
+======  ======  ===============  ==================================================
+offset  size    field            meaning
+======  ======  ===============  ==================================================
+0       4       magic            ``b"RXEC"``
+4       1       version          ``1``
+5       1       codec id         ``1`` msgpack, ``2`` JSON (see ``codecs.py``)
+6       2       buffer count     ``n``, number of out-of-band buffers
+8       4       body length      ``b``, bytes of the encoded body
+12      4       reserved         ``0`` (receivers reject anything else)
+16      8       rest length      ``r`` = ``8*n + b + sum(buffer lengths)``
+24      8*n     buffer table     length of each buffer, u64 each, in order
+24+8n   b       body             the message, encoded by the codec
+...     ...     buffers          buffer 0, buffer 1, ... back to back, no padding
+======  ======  ===============  ==================================================
+
+A frame is therefore exactly ``24 + r`` bytes. Receivers check, before slicing
+anything: the magic, the version, that the codec id is known, that ``n`` is at
+most the buffer cap, that ``24 + r`` is at most the size cap, and (once the
+buffer table is read) that ``8*n + b + sum(lengths) == r``. Any failure raises
+``FrameError``. Buffers are handed to the codec as ``memoryview`` slices of the
+received frame: nothing is copied.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from .exceptions import FrameError
+
+__all__ = [
+    "CODEC_JSON",
+    "CODEC_MSGPACK",
+    "HEADER_SIZE",
+    "MAGIC",
+    "VERSION",
+    "Frame",
+    "FrameHeader",
+    "decode_frame",
+    "decode_header",
+    "encode_frame",
+    "frame_size",
+]
+
+MAGIC = b"RXEC"
+VERSION = 1
+CODEC_MSGPACK = 1
+CODEC_JSON = 2
+KNOWN_CODECS = frozenset({CODEC_MSGPACK, CODEC_JSON})
+
+_HEADER = struct.Struct("<4sBBHIIQ")
+HEADER_SIZE = _HEADER.size  # 24
+
+DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
+DEFAULT_MAX_BUFFERS = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class FrameHeader:
+    """The fixed part of a frame, validated."""
+
+    codec_id: int
+    buffer_count: int
+    body_length: int
+    rest_length: int
+
+    @property
+    def frame_length(self) -> int:
+        return HEADER_SIZE + self.rest_length
+
+
+@dataclass(frozen=True, slots=True)
+class Frame:
+    """A decoded frame: the codec id, the body and the out-of-band buffers."""
+
+    codec_id: int
+    body: memoryview
+    buffers: list[memoryview]
+
+
+def decode_header(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_buffers: int = DEFAULT_MAX_BUFFERS,
+) -> FrameHeader:
+    """Validate the first ``HEADER_SIZE`` bytes of ``data``.
+
+    Raises:
+        FrameError: bad magic, version, codec, counts, or a frame over ``max_size``.
+    """
+    if len(data) < HEADER_SIZE:
+        raise FrameError(f"truncated frame header: {len(data)} of {HEADER_SIZE} bytes")
+    magic, version, codec_id, count, body_len, reserved, rest = _HEADER.unpack_from(data)
+    if magic != MAGIC:
+        raise FrameError(f"bad magic {bytes(magic)!r}: not a remote-exec frame")
+    if version != VERSION:
+        raise FrameError(f"unsupported frame version {version} (this side speaks {VERSION})")
+    if codec_id not in KNOWN_CODECS:
+        raise FrameError(f"unknown codec id {codec_id}")
+    if reserved != 0:
+        raise FrameError("reserved header field is not zero")
+    if count > max_buffers:
+        raise FrameError(f"frame has {count} buffers, more than the cap of {max_buffers}")
+    if HEADER_SIZE + rest > max_size:
+        raise FrameError(
+            f"frame of {HEADER_SIZE + rest} bytes exceeds the size cap of {max_size} bytes"
+        )
+    if 8 * count + body_len > rest:
+        raise FrameError("inconsistent frame lengths: body and buffer table exceed the frame")
+    return FrameHeader(codec_id, count, body_len, rest)
+
+
+def decode_frame(
+    data: bytes | bytearray | memoryview,
+    *,
+    max_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_buffers: int = DEFAULT_MAX_BUFFERS,
+) -> Frame:
+    """Split one whole frame into body and buffers, without copying.
+
+    Raises:
+        FrameError: the header is invalid or the lengths do not add up to ``data``.
+    """
+    header = decode_header(data, max_size=max_size, max_buffers=max_buffers)
+    view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
+    if len(view) != header.frame_length:
+        raise FrameError(
+            f"frame length mismatch: header says {header.frame_length} bytes, got {len(view)}"
+        )
+    n = header.buffer_count
+    offset = HEADER_SIZE
+    lengths = struct.unpack_from(f"<{n}Q", view, offset) if n else ()
+    offset += 8 * n
+    if 8 * n + header.body_length + sum(lengths) != header.rest_length:
+        raise FrameError("inconsistent frame lengths: buffer table does not match the frame")
+    body = view[offset : offset + header.body_length]
+    offset += header.body_length
+    buffers = []
+    for length in lengths:
+        buffers.append(view[offset : offset + length])
+        offset += length
+    return Frame(header.codec_id, body, buffers)
+
+
+def frame_size(body: bytes, buffers: Sequence[memoryview]) -> int:
+    """The size in bytes of the frame ``encode_frame`` would build."""
+    return HEADER_SIZE + 8 * len(buffers) + len(body) + sum(b.nbytes for b in buffers)
+
+
+def encode_frame(
+    codec_id: int,
+    body: bytes,
+    buffers: Sequence[memoryview] = (),
+    *,
+    max_size: int = DEFAULT_MAX_FRAME_SIZE,
+    max_buffers: int = DEFAULT_MAX_BUFFERS,
+) -> list[bytes | memoryview]:
+    """Build a frame as a list of pieces to write back to back.
+
+    The first piece holds header, buffer table and body; each buffer follows as
+    its own piece so that large payloads are never copied into the frame.
+
+    Raises:
+        FrameError: the frame would exceed ``max_size`` or ``max_buffers``.
+    """
+    n = len(buffers)
+    if n > max_buffers:
+        raise FrameError(f"message has {n} buffers, more than the cap of {max_buffers}")
+    lengths = [b.nbytes for b in buffers]
+    rest = 8 * n + len(body) + sum(lengths)
+    if HEADER_SIZE + rest > max_size:
+        raise FrameError(
+            f"message of {HEADER_SIZE + rest} bytes exceeds the size cap of {max_size} bytes"
+        )
+    head = _HEADER.pack(MAGIC, VERSION, codec_id, n, len(body), 0, rest)
+    if n:
+        head += struct.pack(f"<{n}Q", *lengths)
+    pieces: list[bytes | memoryview] = [head + body]
+    pieces.extend(buffers)
+    return pieces

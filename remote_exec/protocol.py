@@ -1,0 +1,467 @@
+"""The sans-I/O wire protocol: bytes or frames in, messages out, and back.
+
+``RpcConnection`` never awaits and never touches a socket. A transport feeds it
+what it reads (``receive_data`` for a byte stream, ``receive_frame`` for a
+message transport such as a websocket), collects the decoded messages with
+``events_received()`` and writes whatever ``data_to_send()`` returns.
+
+Streams (one per call) move through these states::
+
+    client:  CALL ──Result/Failure──▶ done
+             STREAM ──StreamItems*──▶ STREAM ──StreamEnd/Failure──▶ done
+    server:  Call received ──send_result/send_failure──▶ done
+             Call(stream) ──send_items* (within credit)──▶ ──send_stream_end/failure──▶ done
+
+Rules the state machine enforces:
+
+1. An id is in flight from its ``Call`` until its terminal reply (``Result``,
+   ``Failure`` or ``StreamEnd``); a ``Cancel`` does not end it, the server still
+   answers. A ``Call`` reusing an id in flight is a protocol error.
+2. The server never sends more stream items than the client granted
+   (``Call.credit`` plus every ``Credit``); a client receiving more raises.
+3. A ``Call`` past the in-flight cap is answered at once with a
+   ``TooManyCallsError`` failure and never reaches the application.
+4. A call whose arguments cannot be decoded is answered with a failure for
+   its id; an envelope that cannot be decoded is a ``ProtocolError``.
+"""
+
+from __future__ import annotations
+
+import traceback as traceback_module
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from .codecs import DEFAULT_MAX_DEPTH, Codec, codec_for, codec_named
+from .exceptions import (
+    CodecError,
+    ProtocolError,
+    RemoteExecError,
+    TooManyCallsError,
+    exception_type_name,
+)
+from .framing import (
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    decode_frame,
+    decode_header,
+    encode_frame,
+)
+from .messages import (
+    KIND_OF,
+    Call,
+    Cancel,
+    Close,
+    Credit,
+    Failure,
+    Message,
+    Result,
+    StreamEnd,
+    StreamItems,
+)
+from .registry import InstanceRegistry
+
+__all__ = ["Limits", "RpcConnection", "Side"]
+
+FramePieces = list[bytes | memoryview]
+
+
+class Side(Enum):
+    CLIENT = "client"
+    SERVER = "server"
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Caps shared by both ends of a connection (the daemon's are CLI flags)."""
+
+    max_message_size: int = DEFAULT_MAX_FRAME_SIZE
+    max_buffers: int = DEFAULT_MAX_BUFFERS
+    max_depth: int = DEFAULT_MAX_DEPTH
+    max_calls: int = 256
+    max_credit: int = 1024
+
+
+class RpcConnection:
+    """One end of a remote-exec connection, as a state machine.
+
+    Args:
+        side: ``Side.CLIENT`` sends calls, ``Side.SERVER`` answers them.
+        registry: resolves instance references and custom types in payloads.
+        codec: the codec this side sends with ("msgpack" or "json"); a server
+            answers in the codec of the call it answers.
+        limits: size, depth and in-flight caps.
+    """
+
+    def __init__(
+        self,
+        side: Side,
+        registry: InstanceRegistry | None = None,
+        *,
+        codec: str = "msgpack",
+        limits: Limits | None = None,
+    ) -> None:
+        self.side = side
+        self.registry = registry
+        self.limits = limits or Limits()
+        self._codec = codec_named(codec, self.limits.max_depth)
+        self._codecs: dict[int, Codec] = {self._codec.codec_id: self._codec}
+        self._buffer = bytearray()
+        self._events: list[Message] = []
+        self._outgoing: list[FramePieces] = []
+        self._next_id = 1
+        # client: id -> outstanding credit (None for a plain call)
+        # server: id -> remaining credit (None for a plain call)
+        self._open: dict[int, int | None] = {}
+        self._reply_codec: dict[int, Codec] = {}
+        self._abandoned: set[int] = set()  # client: undecodable streams, answers dropped
+        self.closed = False
+
+    # -- state -----------------------------------------------------------------
+    @property
+    def in_flight(self) -> int:
+        """How many calls and streams are open on this connection."""
+        return len(self._open)
+
+    def is_open(self, stream_id: int) -> bool:
+        return stream_id in self._open
+
+    def credit(self, stream_id: int) -> int:
+        """Server side: how many items may still be sent on ``stream_id``."""
+        return self._open.get(stream_id) or 0
+
+    def open_ids(self) -> list[int]:
+        return list(self._open)
+
+    # -- input -----------------------------------------------------------------
+    def receive_data(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed bytes read from a byte stream; whole frames become events.
+
+        Raises:
+            FrameError: a header is invalid (checked before the body arrives).
+            ProtocolError: a frame holds an invalid message.
+        """
+        self._buffer += data
+        while len(self._buffer) >= HEADER_SIZE:
+            header = decode_header(
+                self._buffer,
+                max_size=self.limits.max_message_size,
+                max_buffers=self.limits.max_buffers,
+            )
+            size = header.frame_length
+            if len(self._buffer) < size:
+                return
+            frame = bytes(self._buffer[:size])
+            del self._buffer[:size]
+            self.receive_frame(frame)
+
+    def next_frame_size(self) -> int | None:
+        """Byte stream: the size of the frame being received, once its header is in."""
+        if len(self._buffer) < HEADER_SIZE:
+            return None
+        return decode_header(
+            self._buffer, max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
+        ).frame_length
+
+    def receive_frame(self, data: bytes | bytearray | memoryview) -> None:
+        """Feed one whole frame (one websocket message).
+
+        Raises:
+            FrameError, ProtocolError: the frame or its envelope is invalid.
+        """
+        if self.closed:
+            raise ProtocolError("received a frame after the connection closed")
+        frame = decode_frame(
+            data, max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
+        )
+        codec = self._codecs.get(frame.codec_id)
+        if codec is None:
+            codec = self._codecs[frame.codec_id] = codec_for(frame.codec_id, self.limits.max_depth)
+        try:
+            tree = codec.parse(frame.body)
+        except CodecError as exc:
+            raise ProtocolError(f"undecodable message: {exc}") from exc
+        if type(tree) is not list or len(tree) < 2 or type(tree[0]) is not int:
+            raise ProtocolError("a message must be an array [kind, stream_id, ...]")
+        kind, stream_id = tree[0], tree[1]
+        if type(stream_id) is not int or not 0 <= stream_id < 2**63:
+            raise ProtocolError(f"invalid stream id {stream_id!r}")
+        handler = _RECEIVERS.get((self.side, kind))
+        if handler is None:
+            raise ProtocolError(f"unexpected message kind {kind!r} for the {self.side.value}")
+        handler(self, codec, stream_id, tree[2:], frame.buffers)
+
+    def events_received(self) -> list[Message]:
+        """The messages decoded since the last call, in order."""
+        events, self._events = self._events, []
+        return events
+
+    def data_to_send(self) -> list[FramePieces]:
+        """Frames to write, each as a list of pieces (header+body, then buffers)."""
+        frames, self._outgoing = self._outgoing, []
+        return frames
+
+    # -- output: client ----------------------------------------------------------
+    def send_call(
+        self,
+        target: str,
+        method: str,
+        args: Sequence[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        *,
+        stream: bool = False,
+        credit: int = 0,
+        meta: dict[str, Any] | None = None,
+    ) -> int:
+        """Queue a call; returns its stream id.
+
+        Raises:
+            CodecError, FrameError: the arguments cannot be sent (nothing is queued).
+        """
+        self._require(Side.CLIENT)
+        if stream and not 0 <= credit <= self.limits.max_credit:
+            raise ValueError(f"credit must be between 0 and {self.limits.max_credit}")
+        stream_id = self._next_id
+        self._send(
+            self._codec,
+            [
+                1,
+                stream_id,
+                target,
+                method,
+                list(args),
+                kwargs or {},
+                stream,
+                credit if stream else 0,
+                meta or {},
+            ],
+        )
+        self._next_id += 1
+        self._open[stream_id] = credit if stream else None
+        return stream_id
+
+    def send_credit(self, stream_id: int, count: int) -> None:
+        """Grant ``count`` more items on an open stream."""
+        self._require(Side.CLIENT)
+        if self._open.get(stream_id) is None:
+            return  # finished meanwhile: nothing to grant
+        if count <= 0:
+            raise ValueError("credit must be positive")
+        self._send(self._codec, [6, stream_id, count])
+        self._open[stream_id] = (self._open[stream_id] or 0) + count
+
+    def send_cancel(self, stream_id: int) -> None:
+        """Ask the server to cancel a call or close a stream (it still answers)."""
+        self._require(Side.CLIENT)
+        if stream_id in self._open:
+            self._send(self._codec, [7, stream_id])
+
+    # -- output: server ----------------------------------------------------------
+    def send_result(self, stream_id: int, value: Any) -> None:
+        """Answer a call.
+
+        Raises:
+            CodecError, FrameError: the value cannot be sent; the call stays open
+                so that the caller can send a failure instead.
+        """
+        self._end(stream_id, [2, stream_id, value])
+
+    def send_failure(self, stream_id: int, exc: BaseException) -> None:
+        """End a call or stream with ``exc`` (type name, message and traceback travel)."""
+        tb = "".join(traceback_module.format_exception(exc))
+        self._end(stream_id, [3, stream_id, exception_type_name(exc), str(exc), tb])
+
+    def send_items(self, stream_id: int, items: Sequence[Any]) -> None:
+        """Send stream items; never more than the credit left.
+
+        Raises:
+            ProtocolError: more items than the client granted.
+            CodecError, FrameError: an item cannot be sent (the stream stays open).
+        """
+        self._require(Side.SERVER)
+        left = self._open.get(stream_id)
+        if left is None:
+            raise ProtocolError(f"stream {stream_id} is not open")
+        if len(items) > left:
+            raise ProtocolError(f"{len(items)} items exceed the credit of {left} on stream {stream_id}")
+        self._send(self._reply_codec.get(stream_id, self._codec), [4, stream_id, list(items)])
+        self._open[stream_id] = left - len(items)
+
+    def send_stream_end(self, stream_id: int) -> None:
+        self._end(stream_id, [5, stream_id])
+
+    # -- output: both ------------------------------------------------------------
+    def send_close(self, reason: str = "") -> None:
+        """Say goodbye; nothing more is sent after this."""
+        if not self.closed:
+            self._send(self._codec, [8, 0, reason])
+            self.closed = True
+
+    # -- internals ---------------------------------------------------------------
+    def _require(self, side: Side) -> None:
+        if self.side is not side:
+            raise ProtocolError(f"only the {side.value} sends that message")
+        if self.closed:
+            raise ProtocolError("the connection is closed")
+
+    def _end(self, stream_id: int, message: list[Any]) -> None:
+        self._require(Side.SERVER)
+        if stream_id not in self._open:
+            raise ProtocolError(f"stream {stream_id} is not open")
+        self._send(self._reply_codec.get(stream_id, self._codec), message)
+        del self._open[stream_id]
+        self._reply_codec.pop(stream_id, None)
+
+    def _send(self, codec: Codec, message: list[Any]) -> None:
+        body, buffers = codec.dumps(message, self.registry)
+        self._outgoing.append(
+            encode_frame(
+                codec.codec_id,
+                body,
+                buffers,
+                max_size=self.limits.max_message_size,
+                max_buffers=self.limits.max_buffers,
+            )
+        )
+
+    def _build(self, codec: Codec, tree: Any, buffers: list[memoryview]) -> Any:
+        return codec.build(tree, self.registry, buffers)
+
+    def _queue_failure(self, codec: Codec, stream_id: int, exc: BaseException) -> None:
+        self._send(codec, [3, stream_id, exception_type_name(exc), str(exc), ""])
+
+    # server receives
+    def _on_call(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if len(f) != 7:
+            raise ProtocolError("a Call has 7 fields")
+        target, method, args, kwargs, stream, credit, meta = f
+        if (
+            type(target) is not str
+            or type(method) is not str
+            or type(args) is not list
+            or type(kwargs) is not dict
+            or type(stream) is not bool
+            or type(credit) is not int
+            or type(meta) is not dict
+        ):
+            raise ProtocolError("a Call field has the wrong type")
+        if sid == 0 or sid in self._open:
+            raise ProtocolError(f"stream id {sid} is already in flight")
+        if len(self._open) >= self.limits.max_calls:
+            self._queue_failure(
+                codec,
+                sid,
+                TooManyCallsError(f"this connection already has {len(self._open)} calls in flight"),
+            )
+            return
+        if stream and not 0 <= credit <= self.limits.max_credit:
+            self._queue_failure(codec, sid, ProtocolError(f"credit {credit} is out of range"))
+            return
+        try:
+            args = self._build(codec, args, buffers)
+            kwargs = self._build(codec, kwargs, buffers)
+            if not all(type(k) is str for k in kwargs):
+                raise CodecError("keyword argument names must be strings")
+            meta = self._build(codec, meta, buffers)
+        except RemoteExecError as exc:
+            self._queue_failure(codec, sid, exc)
+            return
+        self._open[sid] = credit if stream else None
+        self._reply_codec[sid] = codec
+        self._events.append(Call(sid, target, method, args, kwargs, stream, credit, meta))
+
+    def _on_credit(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if len(f) != 1 or type(f[0]) is not int or f[0] <= 0:
+            raise ProtocolError("a Credit carries one positive count")
+        left = self._open.get(sid)
+        if left is None:
+            return  # the stream ended meanwhile, or it is a plain call
+        if left + f[0] > self.limits.max_credit:
+            raise ProtocolError(f"credit on stream {sid} exceeds the cap of {self.limits.max_credit}")
+        self._open[sid] = left + f[0]
+        self._events.append(Credit(sid, f[0]))
+
+    def _on_cancel(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if f:
+            raise ProtocolError("a Cancel has no fields")
+        if sid in self._open:  # else: finished meanwhile
+            self._events.append(Cancel(sid))
+
+    def _on_close(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        reason = f[0] if f and type(f[0]) is str else ""
+        self.closed = True
+        self._events.append(Close(sid, reason))
+
+    # client receives
+    def _expect(self, sid: int) -> int | None:
+        if sid not in self._open:
+            raise ProtocolError(f"reply for stream {sid}, which is not in flight")
+        return self._open[sid]
+
+    def _finish(self, sid: int) -> bool:
+        """Client: close ``sid``; False if its answers are being dropped."""
+        self._expect(sid)
+        del self._open[sid]
+        if sid in self._abandoned:
+            self._abandoned.discard(sid)
+            return False
+        return True
+
+    def _on_result(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if len(f) != 1:
+            raise ProtocolError("a Result has 1 field")
+        if not self._finish(sid):
+            return
+        try:
+            self._events.append(Result(sid, self._build(codec, f[0], buffers)))
+        except RemoteExecError as exc:
+            self._events.append(Failure(sid, exception_type_name(exc), str(exc)))
+
+    def _on_failure(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if len(f) != 3 or not all(type(x) is str for x in f):
+            raise ProtocolError("a Failure has 3 string fields")
+        if self._finish(sid):
+            self._events.append(Failure(sid, f[0], f[1], f[2]))
+
+    def _on_items(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if len(f) != 1 or type(f[0]) is not list:
+            raise ProtocolError("StreamItems carry one list")
+        left = self._expect(sid)
+        if left is None:
+            raise ProtocolError(f"stream items for call {sid}, which is not a stream")
+        if len(f[0]) > left:
+            raise ProtocolError(f"server sent {len(f[0])} items with only {left} granted")
+        self._open[sid] = left - len(f[0])
+        if sid in self._abandoned:
+            return
+        try:
+            self._events.append(StreamItems(sid, self._build(codec, f[0], buffers)))
+        except RemoteExecError as exc:
+            # The consumer sees the error now; the server is told to stop, and
+            # whatever it still sends for this stream is dropped.
+            self._abandoned.add(sid)
+            self._events.append(Failure(sid, exception_type_name(exc), str(exc)))
+            self._send(self._codec, [7, sid])
+
+    def _on_stream_end(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+        if f:
+            raise ProtocolError("StreamEnd has no fields")
+        if self._expect(sid) is None:
+            raise ProtocolError(f"stream end for call {sid}, which is not a stream")
+        if self._finish(sid):
+            self._events.append(StreamEnd(sid))
+
+
+_RECEIVERS = {
+    (Side.SERVER, KIND_OF[Call]): RpcConnection._on_call,
+    (Side.SERVER, KIND_OF[Credit]): RpcConnection._on_credit,
+    (Side.SERVER, KIND_OF[Cancel]): RpcConnection._on_cancel,
+    (Side.SERVER, KIND_OF[Close]): RpcConnection._on_close,
+    (Side.CLIENT, KIND_OF[Result]): RpcConnection._on_result,
+    (Side.CLIENT, KIND_OF[Failure]): RpcConnection._on_failure,
+    (Side.CLIENT, KIND_OF[StreamItems]): RpcConnection._on_items,
+    (Side.CLIENT, KIND_OF[StreamEnd]): RpcConnection._on_stream_end,
+    (Side.CLIENT, KIND_OF[Close]): RpcConnection._on_close,
+}
