@@ -8,7 +8,28 @@ names are re-exported here.
 
 from __future__ import annotations
 
+# The client side last: its modules import the core modules above.
+from .client.decorators import (
+    apply_executor as apply_executor,
+    apply_generator_executor as apply_generator_executor,
+)
 from .exceptions import RemoteException as RemoteException
+from .executor import (
+    NO_CALLBACK as NO_CALLBACK,
+    Executor as Executor,
+    ExecutorContext as ExecutorContext,
+    current_executor as current_executor,
+)
 from .registry import InstanceRegistry as InstanceRegistry, register_coder as register_coder
 
-__all__ = ["InstanceRegistry", "RemoteException", "register_coder"]
+__all__ = [
+    "NO_CALLBACK",
+    "Executor",
+    "ExecutorContext",
+    "InstanceRegistry",
+    "RemoteException",
+    "apply_executor",
+    "apply_generator_executor",
+    "current_executor",
+    "register_coder",
+]

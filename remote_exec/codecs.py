@@ -60,7 +60,10 @@ if TYPE_CHECKING:
 
 try:  # numpy is optional
     import numpy as _np
-    from numpy.lib.format import descr_to_dtype as _descr_to_dtype, dtype_to_descr as _dtype_to_descr
+    from numpy.lib.format import (
+        descr_to_dtype as _descr_to_dtype,
+        dtype_to_descr as _dtype_to_descr,
+    )
 except ImportError:  # pragma: no cover - exercised only without numpy
     _np = None  # type: ignore[assignment]
 
@@ -94,7 +97,9 @@ class Codec(Protocol):
     codec_id: int
     name: str
 
-    def dumps(self, value: Any, registry: InstanceRegistry | None) -> tuple[bytes, list[memoryview]]:
+    def dumps(
+        self, value: Any, registry: InstanceRegistry | None
+    ) -> tuple[bytes, list[memoryview]]:
         """Encode ``value``; returns the body and the out-of-band buffers."""
         ...
 
@@ -137,11 +142,17 @@ class _Walker:
     def lower_float(self, value: float) -> Any:
         return value
 
-    def lower_dict(self, value: dict[Any, Any], lower: Callable[[Any, int], Any], depth: int) -> Any:
+    def lower_dict(
+        self, value: dict[Any, Any], lower: Callable[[Any, int], Any], depth: int
+    ) -> Any:
         out = {}
         for key, item in value.items():
             if type(key) not in _KEY_TYPES:
-                raise CodecError(f"dict keys must be str, int, float, bool or None, not {type(key).__name__}")
+                raise CodecError(
+                    f"dict keys must be str, int, float, bool or None, not {type(key).__name__}"
+                )
+            if type(key) is int and not INT_MIN <= key <= INT_MAX:
+                raise CodecError(f"integer key {key} does not fit in 64 bits")
             out[key] = lower(item, depth)
         return out
 
@@ -201,12 +212,15 @@ class _Walker:
             raise CodecError("numpy arrays of dtype object cannot be sent (that would need pickle)")
         contiguous = _np.ascontiguousarray(arr)
         try:
-            view = memoryview(contiguous).cast("B") if contiguous.size else memoryview(b"")
+            view = contiguous.data.cast("B") if contiguous.size else memoryview(b"")
         except (TypeError, ValueError):  # dtypes the buffer protocol does not know
-            view = memoryview(contiguous.view(_np.uint8).reshape(-1)) if contiguous.size else memoryview(b"")
+            view = (
+                contiguous.view(_np.uint8).reshape(-1).data if contiguous.size else memoryview(b"")
+            )
         buffers.append(view)
         descr = _dtype_to_descr(contiguous.dtype)
-        return self.tag(T_NDARRAY, [len(buffers) - 1, _lower_descr(descr), list(contiguous.shape)])
+        # ``arr.shape``, not ``contiguous.shape``: ascontiguousarray turns 0-d into 1-d.
+        return self.tag(T_NDARRAY, [len(buffers) - 1, _lower_descr(descr), list(arr.shape)])
 
     def loads(
         self, body: memoryview, buffers: list[memoryview], registry: InstanceRegistry | None
@@ -217,9 +231,7 @@ class _Walker:
         raise NotImplementedError
 
     # -- the raising walk ------------------------------------------------------
-    def build(
-        self, tree: Any, registry: InstanceRegistry | None, buffers: list[memoryview]
-    ) -> Any:
+    def build(self, tree: Any, registry: InstanceRegistry | None, buffers: list[memoryview]) -> Any:
         max_depth = self.max_depth
         untag = self.untag
 
@@ -256,7 +268,15 @@ class _Walker:
                 return self._raise_tag(code, fields, raise_, depth, buffer, registry)
             except RemoteExecError:
                 raise
-            except (TypeError, ValueError, IndexError, KeyError, AttributeError) as exc:
+            except (
+                TypeError,
+                ValueError,
+                IndexError,
+                KeyError,
+                AttributeError,
+                OverflowError,
+                RecursionError,
+            ) as exc:
                 raise CodecError(f"malformed {_TAG_NAMES.get(code, code)} tag: {exc}") from exc
 
         return raise_(tree, 0)
@@ -294,11 +314,19 @@ class _Walker:
             if type(name) is not str or registry is None:
                 raise CodecError("malformed custom value")
             coder = registry.coder_named(name)
-            return coder.decode(raise_(value, depth))
+            decoded = raise_(value, depth)
+            try:
+                return coder.decode(decoded)
+            except Exception as exc:  # the coder is user code fed with peer data
+                raise CodecError(f"coder {name!r} could not decode its value: {exc!r}") from exc
         if code == T_DICT and not self.uses_plain_dicts:
             out = {}
             for pair in fields:
+                if type(pair) is not list or len(pair) != 2:
+                    raise CodecError("a dict tag holds [key, value] pairs")
                 key, value = pair
+                if type(key) is dict:  # a tagged key: a non-finite float
+                    key = raise_(key, depth)
                 if type(key) not in _KEY_TYPES:
                     raise CodecError(f"invalid dict key type {type(key).__name__}")
                 out[key] = raise_(value, depth)
@@ -327,25 +355,48 @@ class _Walker:
         return _np.frombuffer(view, dtype).reshape(shape)
 
 
+_MAX_DESCR_DEPTH = 32  # nested structured dtypes; deeper descrs are refused
+
+
 def _lower_descr(descr: Any) -> Any:
-    """numpy descr (str or list of tuples) as plain lists."""
+    """numpy descr (str or list of ``(name, format[, shape])`` tuples) as plain lists.
+
+    A field name may be a ``(title, name)`` pair, a format a nested descr, and a
+    shape a tuple of ints: each becomes a list.
+    """
     if isinstance(descr, str):
         return descr
-    return [[_lower_descr(part) if isinstance(part, list | tuple) else part for part in field] for field in descr]
+    out = []
+    for name, fmt, *shape in descr:
+        field = [list(name) if isinstance(name, tuple) else name, _lower_descr(fmt)]
+        if shape:
+            field.append(list(shape[0]))
+        out.append(field)
+    return out
 
 
-def _raise_descr(descr: Any) -> Any:
+def _raise_descr(descr: Any, depth: int = 0) -> Any:
+    """The inverse of ``_lower_descr``; numpy validates the result."""
     if isinstance(descr, str):
         return descr
     if not isinstance(descr, list):
         raise CodecError("invalid dtype description")
-    out = []
+    if depth >= _MAX_DESCR_DEPTH:
+        raise CodecError("dtype description nested too deeply")
+    out: list[tuple[Any, ...]] = []
     for field in descr:
         if not isinstance(field, list) or not 2 <= len(field) <= 3:
             raise CodecError("invalid dtype field")
         name, sub, *shape = field
-        sub = _raise_descr(sub)
-        out.append((name, sub, tuple(shape[0])) if shape else (name, sub))
+        if isinstance(name, list):  # (title, name)
+            name = tuple(name)
+        sub = _raise_descr(sub, depth + 1)
+        if shape:
+            if not isinstance(shape[0], list):
+                raise CodecError("invalid dtype field shape")
+            out.append((name, sub, tuple(shape[0])))
+        else:
+            out.append((name, sub))
     return out
 
 
@@ -371,10 +422,15 @@ class MsgpackCodec(_Walker):
             raise CodecError("stray extension value in body")
         return None
 
-    def dumps(self, value: Any, registry: InstanceRegistry | None) -> tuple[bytes, list[memoryview]]:
+    def dumps(
+        self, value: Any, registry: InstanceRegistry | None
+    ) -> tuple[bytes, list[memoryview]]:
         buffers: list[memoryview] = []
         tree = self.lower(value, registry, buffers)
-        return self._packer.pack(tree), buffers
+        try:
+            return self._packer.pack(tree), buffers
+        except (ValueError, TypeError, OverflowError) as exc:  # e.g. lone surrogates in a str
+            raise CodecError(f"cannot encode with msgpack: {exc}") from exc
 
     def parse(self, body: memoryview) -> Any:
         try:
@@ -405,7 +461,8 @@ class JsonCodec(_Walker):
         if type(value) is dict and "$rx" in value:
             if len(value) != 2 or "v" not in value:
                 raise CodecError("malformed tag object")
-            code = _TAG_CODES.get(value["$rx"])
+            name = value["$rx"]
+            code = _TAG_CODES.get(name) if type(name) is str else None
             if code is None:
                 raise CodecError(f"unknown tag {value['$rx']!r}")
             fields = value["v"]
@@ -421,17 +478,23 @@ class JsonCodec(_Walker):
             return value
         return self.tag(T_FLOAT, ["nan" if math.isnan(value) else "inf" if value > 0 else "-inf"])
 
-    def lower_dict(self, value: dict[Any, Any], lower: Callable[[Any, int], Any], depth: int) -> Any:
+    def lower_dict(
+        self, value: dict[Any, Any], lower: Callable[[Any, int], Any], depth: int
+    ) -> Any:
         if all(type(key) is str for key in value) and "$rx" not in value:
             return {key: lower(item, depth) for key, item in value.items()}
         pairs = []
         for key, item in value.items():
             if type(key) not in _KEY_TYPES:
-                raise CodecError(f"dict keys must be str, int, float, bool or None, not {type(key).__name__}")
+                raise CodecError(
+                    f"dict keys must be str, int, float, bool or None, not {type(key).__name__}"
+                )
             pairs.append([lower(key, depth), lower(item, depth)])
         return self.tag(T_DICT, pairs)
 
-    def dumps(self, value: Any, registry: InstanceRegistry | None) -> tuple[bytes, list[memoryview]]:
+    def dumps(
+        self, value: Any, registry: InstanceRegistry | None
+    ) -> tuple[bytes, list[memoryview]]:
         buffers: list[memoryview] = []
         tree = self.lower(value, registry, buffers)
         return json.dumps(tree, separators=(",", ":"), allow_nan=False).encode(), buffers

@@ -157,6 +157,10 @@ def _class_for(remote_type: str) -> type[RemoteException]:
     if cls is None:
         # A class deriving from both: ``except ValueError`` keeps working.
         cls = type(f"Remote{base.__name__}", (RemoteException, base), {"__module__": __name__})
+        try:
+            cls.__new__(cls)  # remote_exception() builds it this way
+        except Exception:  # noqa: BLE001 - e.g. ExceptionGroup, MemoryError: their __new__ refuses
+            cls = RemoteException
         _remote_builtin_classes[base] = cls
     return cls
 

@@ -174,8 +174,12 @@ def encode_frame(
         FrameError: the frame would exceed ``max_size`` or ``max_buffers``.
     """
     n = len(buffers)
-    if n > max_buffers:
-        raise FrameError(f"message has {n} buffers, more than the cap of {max_buffers}")
+    if n > max_buffers or n > 0xFFFF:  # the count field is a u16
+        raise FrameError(
+            f"message has {n} buffers, more than the cap of {min(max_buffers, 0xFFFF)}"
+        )
+    if len(body) > 0xFFFFFFFF:  # the body length field is a u32
+        raise FrameError(f"message body of {len(body)} bytes does not fit in a frame")
     lengths = [b.nbytes for b in buffers]
     rest = 8 * n + len(body) + sum(lengths)
     if HEADER_SIZE + rest > max_size:

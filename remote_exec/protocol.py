@@ -198,6 +198,10 @@ class RpcConnection:
         events, self._events = self._events, []
         return events
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._outgoing)
+
     def data_to_send(self) -> list[FramePieces]:
         """Frames to write, each as a list of pieces (header+body, then buffers)."""
         frames, self._outgoing = self._outgoing, []
@@ -249,6 +253,10 @@ class RpcConnection:
             return  # finished meanwhile: nothing to grant
         if count <= 0:
             raise ValueError("credit must be positive")
+        # The server refuses a grant that takes its view of the credit over the
+        # cap, and its view never exceeds ours: check here instead of failing there.
+        if (self._open[stream_id] or 0) + count > self.limits.max_credit:
+            raise ValueError(f"outstanding credit would exceed {self.limits.max_credit}")
         self._send(self._codec, [6, stream_id, count])
         self._open[stream_id] = (self._open[stream_id] or 0) + count
 
@@ -285,7 +293,9 @@ class RpcConnection:
         if left is None:
             raise ProtocolError(f"stream {stream_id} is not open")
         if len(items) > left:
-            raise ProtocolError(f"{len(items)} items exceed the credit of {left} on stream {stream_id}")
+            raise ProtocolError(
+                f"{len(items)} items exceed the credit of {left} on stream {stream_id}"
+            )
         self._send(self._reply_codec.get(stream_id, self._codec), [4, stream_id, list(items)])
         self._open[stream_id] = left - len(items)
 
@@ -365,6 +375,10 @@ class RpcConnection:
             if not all(type(k) is str for k in kwargs):
                 raise CodecError("keyword argument names must be strings")
             meta = self._build(codec, meta, buffers)
+            # A tag in place of the list/map (e.g. a bytes or tuple tag) builds
+            # to another type: refuse it here rather than in the application.
+            if type(args) is not list or type(kwargs) is not dict or type(meta) is not dict:
+                raise CodecError("a Call's args must be a list, kwargs and meta maps")
         except RemoteExecError as exc:
             self._queue_failure(codec, sid, exc)
             return
@@ -379,7 +393,9 @@ class RpcConnection:
         if left is None:
             return  # the stream ended meanwhile, or it is a plain call
         if left + f[0] > self.limits.max_credit:
-            raise ProtocolError(f"credit on stream {sid} exceeds the cap of {self.limits.max_credit}")
+            raise ProtocolError(
+                f"credit on stream {sid} exceeds the cap of {self.limits.max_credit}"
+            )
         self._open[sid] = left + f[0]
         self._events.append(Credit(sid, f[0]))
 
@@ -437,15 +453,21 @@ class RpcConnection:
         if sid in self._abandoned:
             return
         try:
-            self._events.append(StreamItems(sid, self._build(codec, f[0], buffers)))
+            items = self._build(codec, f[0], buffers)
         except RemoteExecError as exc:
             # The consumer sees the error now; the server is told to stop, and
             # whatever it still sends for this stream is dropped.
             self._abandoned.add(sid)
             self._events.append(Failure(sid, exception_type_name(exc), str(exc)))
             self._send(self._codec, [7, sid])
+            return
+        if type(items) is not list:  # a tag in place of the list
+            raise ProtocolError("StreamItems carry one list")
+        self._events.append(StreamItems(sid, items))
 
-    def _on_stream_end(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+    def _on_stream_end(
+        self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]
+    ) -> None:
         if f:
             raise ProtocolError("StreamEnd has no fields")
         if self._expect(sid) is None:

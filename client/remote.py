@@ -1,0 +1,473 @@
+"""The executor behaviour every remote transport shares.
+
+``RemoteExecutor`` drives one ``RpcConnection`` over one ``FrameTransport``:
+a single reader task hands replies to their waiters, so one connection carries
+many calls and streams at once. Subclasses only say how to connect.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from abc import abstractmethod
+from collections import deque
+from collections.abc import Callable, Iterable
+from contextlib import AsyncExitStack
+from typing import Any, Self
+
+import anyio
+from anyio.abc import TaskGroup
+
+from remote_exec.exceptions import (
+    ConnectionLostError,
+    ExecutorStateError,
+    RemoteExecError,
+    remote_exception,
+)
+from remote_exec.executor import (
+    Executor,
+    RemoteStream,
+    check_channel,
+    config_of,
+    remote_method,
+    resolve_callback,
+)
+from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
+from remote_exec.protocol import Limits, RpcConnection, Side
+from remote_exec.registry import InstanceRegistry, qualified_name
+from remote_exec.transport import FrameTransport
+
+__all__ = ["RemoteExecutor"]
+
+# How long a cancelled caller may spend telling the server (never a hang).
+_CANCEL_SEND_TIMEOUT = 2.0
+
+
+class _Pending:
+    """A call waiting for its reply."""
+
+    __slots__ = ("callback", "done", "error", "value")
+
+    def __init__(self, callback: Callable[[Any], Any] | None) -> None:
+        self.callback = callback
+        self.done = anyio.Event()
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def resolve(self, message: Message) -> None:
+        if isinstance(message, Result):
+            self.value = message.value
+            if self.callback is not None:
+                # Runs in the reader, in arrival order: callbacks keep call order.
+                try:
+                    self.callback(message.value)
+                except Exception as exc:  # noqa: BLE001 - the caller gets it instead
+                    self.error = exc
+        elif isinstance(message, Failure):
+            self.error = remote_exception(message.type_name, message.message, message.traceback)
+        self.done.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.done.set()
+
+
+class _Stream(RemoteStream):
+    """A remote generator: items arrive within the credit the consumer grants."""
+
+    def __init__(
+        self,
+        executor: RemoteExecutor,
+        target: str,
+        method: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        callback: Callable[[Any], Any] | None,
+        window: int,
+    ) -> None:
+        self._executor = executor
+        self._call = (target, method, args, kwargs)
+        self._callback = callback
+        self._window = window
+        self._items: deque[Any] = deque()
+        self._wakeup = anyio.Event()
+        self._stream_id: int | None = None
+        self._ended = False
+        self._closed = False
+        self._error: BaseException | None = None
+        self._consumed = 0  # since the last credit grant
+
+    # called by the reader
+    def push(self, message: Message) -> None:
+        if isinstance(message, StreamItems):
+            self._items.extend(message.items)
+        elif isinstance(message, StreamEnd):
+            self._ended = True
+        elif isinstance(message, Failure):
+            self._ended = True
+            self._error = remote_exception(message.type_name, message.message, message.traceback)
+        self._wakeup.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self._ended = True
+        self._error = exc
+        self._wakeup.set()
+
+    async def _open(self) -> None:
+        target, method, args, kwargs = self._call
+        self._stream_id = await self._executor._send_call(
+            target, method, args, kwargs, stream=self._window, waiter=self
+        )
+
+    async def __aenter__(self) -> Self:
+        if self._stream_id is None and not self._closed:
+            await self._open()
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._closed:
+            raise StopAsyncIteration
+        if self._stream_id is None:
+            await self._open()
+        while not self._items:
+            if self._ended:
+                self._closed = True
+                if self._error is not None:
+                    raise self._error
+                raise StopAsyncIteration
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+        item = self._items.popleft()
+        self._consumed += 1
+        if self._consumed * 2 >= self._window and not self._ended:
+            granted, self._consumed = self._consumed, 0
+            await self._executor._grant(self._stream_id, granted)
+        if self._callback is not None:
+            self._callback(item)
+        return item
+
+    async def aclose(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        if self._stream_id is None or self._ended:
+            return
+        # Ask the server to close the generator, then wait until it has: its
+        # ``finally`` has run when we return (unless we are being cancelled).
+        await self._executor._cancel(self._stream_id)
+        while not self._ended:
+            self._wakeup = anyio.Event()
+            await self._wakeup.wait()
+
+
+class RemoteExecutor(Executor):
+    """Shared client side of the process and websocket executors.
+
+    Args:
+        codec: "msgpack" (default) or "json".
+        limits: message size, depth and other caps (the same as the server's).
+        window: how many stream items the server may run ahead of the consumer.
+        registry: the instance registry (a fresh one by default).
+        init_context: enter ``ExecutorContext(self)`` inside ``async with``.
+    """
+
+    is_remote = True
+
+    def __init__(
+        self,
+        *,
+        codec: str = "msgpack",
+        limits: Limits | None = None,
+        window: int = 64,
+        registry: InstanceRegistry | None = None,
+        init_context: bool = True,
+    ) -> None:
+        super().__init__(registry=registry, init_context=init_context)
+        self.limits = limits or Limits()
+        if not 1 <= window <= self.limits.max_credit:
+            raise ValueError(f"window must be between 1 and {self.limits.max_credit}")
+        self.window = window
+        self._connection = RpcConnection(
+            Side.CLIENT, self.registry, codec=codec, limits=self.limits
+        )
+        self._waiters: dict[int, _Pending | _Stream] = {}
+        self._transport: FrameTransport | None = None
+        self._send_lock = anyio.Lock()
+        self._exit_stack: AsyncExitStack | None = None
+        self._task_group: TaskGroup | None = None
+        self._lost: BaseException | None = None
+
+    # -- to implement ----------------------------------------------------------
+    @abstractmethod
+    async def _connect(self) -> FrameTransport:
+        """Open the transport (and whatever it needs: a child process...)."""
+
+    async def _disconnect(self) -> None:
+        """Release what ``_connect`` made, after the transport is closed."""
+
+    # -- lifecycle -------------------------------------------------------------
+    async def _start(self) -> None:
+        self._transport = await self._connect()
+        stack = AsyncExitStack()
+        try:
+            self._task_group = await stack.enter_async_context(anyio.create_task_group())
+            self._task_group.start_soon(self._read_loop, name=f"{type(self).__name__} reader")
+        except BaseException:
+            await stack.aclose()
+            await self._transport.aclose()
+            raise
+        self._exit_stack = stack
+
+    async def _stop(self) -> None:
+        connection, transport = self._connection, self._transport
+        try:
+            if transport is not None and self._lost is None:
+                connection.send_close("client stopped")
+                with anyio.move_on_after(_CANCEL_SEND_TIMEOUT, shield=True):
+                    await self._flush()
+        except RemoteExecError:
+            pass
+        finally:
+            self._fail_all(ExecutorStateError(f"{type(self).__name__} was stopped"))
+            with anyio.CancelScope(shield=True):
+                if transport is not None:
+                    await transport.aclose()
+                await self._disconnect()
+            # Last: cancelling the reader's task group also cancels this task
+            # until the group exits, so nothing may await after it but the exit.
+            stack, self._exit_stack = self._exit_stack, None
+            if stack is not None and self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
+                await stack.aclose()
+
+    # -- the reader --------------------------------------------------------------
+    async def _read_loop(self) -> None:
+        assert self._transport is not None
+        connection = self._connection
+        try:
+            while True:
+                frame = await self._transport.receive_frame()
+                connection.receive_frame(frame)
+                for message in connection.events_received():
+                    if isinstance(message, Close):
+                        raise ConnectionLostError(
+                            f"the server closed the connection: {message.reason or 'no reason given'}"
+                        )
+                    waiter = self._waiters.get(message.stream_id)
+                    if waiter is None:
+                        continue  # its caller gave up (cancelled): drop the reply
+                    if not isinstance(message, StreamItems):
+                        del self._waiters[message.stream_id]
+                    if isinstance(waiter, _Pending):
+                        waiter.resolve(message)
+                    else:
+                        waiter.push(message)
+                if connection.has_data_to_send and self._task_group is not None:
+                    # e.g. the cancel of a stream whose items could not be decoded
+                    self._task_group.start_soon(self._flush_quietly)
+        except anyio.get_cancelled_exc_class():
+            raise
+        except ConnectionLostError as exc:
+            self._connection_lost(exc)
+        except RemoteExecError as exc:  # the server broke the protocol
+            self._connection_lost(ConnectionLostError(f"protocol error from the server: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - the reader must never take the caller down
+            self._connection_lost(ConnectionLostError(f"connection failed: {exc!r}"))
+
+    def _connection_lost(self, exc: ConnectionLostError) -> None:
+        self._lost = exc
+        self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
+            waiter.fail(exc)
+
+    # -- sending -----------------------------------------------------------------
+    def _check_usable(self) -> None:
+        self.check_running()
+        if self._lost is not None:
+            raise ConnectionLostError(str(self._lost)) from self._lost
+
+    async def _flush(self) -> None:
+        """Write every queued frame; whoever holds the lock sends for everyone."""
+        assert self._transport is not None
+        async with self._send_lock:
+            while frames := self._connection.data_to_send():
+                for frame in frames:
+                    await self._transport.send_frame(frame)
+
+    async def _flush_quietly(self) -> None:
+        try:
+            await self._flush()
+        except ConnectionLostError as exc:
+            self._connection_lost(exc)
+
+    async def _send_call(
+        self,
+        target: str,
+        method: str,
+        args: Iterable[Any],
+        kwargs: dict[str, Any],
+        *,
+        stream: int = 0,
+        waiter: _Pending | _Stream,
+    ) -> int:
+        self._check_usable()
+        stream_id = self._connection.send_call(
+            target, method, list(args), kwargs, stream=bool(stream), credit=stream
+        )
+        self._waiters[stream_id] = waiter
+        try:
+            await self._flush()
+        except ConnectionLostError as exc:
+            self._connection_lost(exc)
+        return stream_id
+
+    async def _grant(self, stream_id: int | None, count: int) -> None:
+        if stream_id is None or self._lost is not None:
+            return
+        self._connection.send_credit(stream_id, count)
+        await self._flush()
+
+    async def _cancel(self, stream_id: int) -> None:
+        """Tell the server to cancel ``stream_id``, even from a cancelled task."""
+        if self._lost is not None or not self.started:
+            return
+        self._connection.send_cancel(stream_id)
+        with anyio.move_on_after(_CANCEL_SEND_TIMEOUT, shield=True):
+            try:
+                await self._flush()
+            except ConnectionLostError as exc:
+                self._connection_lost(exc)
+
+    async def _request(
+        self,
+        target: str,
+        method: str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[[Any], Any] | None = None,
+    ) -> Any:
+        """One call, awaited; cancelling the caller cancels it remotely."""
+        waiter = _Pending(callback)
+        stream_id = await self._send_call(target, method, args, kwargs or {}, waiter=waiter)
+        try:
+            await waiter.done.wait()
+        except BaseException:
+            if not waiter.done.is_set():
+                self._waiters.pop(stream_id, None)
+                await self._cancel(stream_id)
+            raise
+        if waiter.error is not None:
+            raise waiter.error
+        return waiter.value
+
+    # -- the Executor interface ----------------------------------------------------
+    def _target(self, obj: Any, fn: Callable[..., Any] | str) -> tuple[str, str, Any]:
+        self._check_usable()
+        name = fn if isinstance(fn, str) else fn.__name__
+        marker = remote_method(type(obj), name)
+        return self.registry.require_name(obj), name, marker
+
+    async def execute(
+        self,
+        obj: Any,
+        fn: Callable[..., Any] | str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | str | None = None,
+    ) -> Any:
+        target, method, marker = self._target(obj, fn)
+        bound = resolve_callback(obj, callback if callback is not None else marker.callback)
+        return await self._request(target, method, args, kwargs, bound)
+
+    def execute_generator(
+        self,
+        obj: Any,
+        gen: Callable[..., Any] | str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | str | None = None,
+    ) -> RemoteStream:
+        target, method, marker = self._target(obj, gen)
+        bound = resolve_callback(obj, callback if callback is not None else marker.callback)
+        return _Stream(self, target, method, list(args), kwargs or {}, bound, self.window)
+
+    async def _create(self, obj: Any, name: str, args: Any, kwargs: Any, exist_ok: bool) -> bool:
+        self._check_usable()
+        module, qualname = qualified_name(type(obj))
+        main_path = None
+        if module == "__main__":
+            main_path = getattr(sys.modules["__main__"], "__file__", None)
+        created: bool = await self._request(
+            "",
+            "create_instance",
+            [module, qualname, name, list(args), kwargs, config_of(obj), exist_ok, main_path],
+        )
+        if self.registry.name_of(obj) != name:
+            self.registry.add_instance(obj, name)
+        return created
+
+    async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        await self._create(obj, name, args, kwargs, exist_ok=False)
+
+    async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
+        return await self._create(obj, name, args, kwargs, exist_ok=True)
+
+    async def delete_remote_instance(self, obj: Any) -> None:
+        self._check_usable()
+        name = self.registry.require_name(obj)
+        try:
+            await self._request("", "delete_instance", [name])
+        finally:
+            self.registry.remove_instance(name)
+
+    async def get_remote_objects(self) -> list[str]:
+        self._check_usable()
+        names: list[str] = await self._request("", "list_instances")
+        return names
+
+    async def get_remote_object_config(self, obj: Any | None) -> dict[str, Any]:
+        self._check_usable()
+        name = None if obj is None else self.registry.require_name(obj)
+        config: dict[str, Any] = await self._request("", "get_config", [name])
+        return config
+
+    async def get_remote_object_property_data(
+        self, obj: Any, names: Iterable[str]
+    ) -> dict[str, Any]:
+        self._check_usable()
+        data: dict[str, Any] = await self._request(
+            "", "get_properties", [self.registry.require_name(obj), list(names)]
+        )
+        return data
+
+    async def get_echo_clock(self) -> tuple[int, int, int]:
+        self._check_usable()
+        sent = time.perf_counter_ns()
+        remote: int = await self._request("", "echo_clock")
+        return sent, remote, time.perf_counter_ns()
+
+    async def sleep(self, duration: float | None = None, deadline: float | None = None) -> int:
+        self._check_usable()
+        for value in (duration, deadline):
+            if value is not None and not math.isfinite(value):
+                raise ValueError("sleep needs a finite duration or deadline")
+        woke: int = await self._request("", "sleep", [duration, deadline])
+        return woke
+
+    async def remote_import(self, module: str) -> None:
+        self._check_usable()
+        await self._request("", "import_module", [module])
+
+    async def register_remote_class(self, cls: type) -> None:
+        self._check_usable()
+        self.registry.register_class(cls)
+        await self._request("", "register_class", list(qualified_name(cls)))
+
+    def get_channel_from_remote(self, name: str, channel: str) -> RemoteStream:
+        self._check_usable()
+        check_channel(name, channel)
+        return _Stream(self, "", "subscribe", [name, channel], {}, None, self.window)

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""The project's two entry points, needing only Python and pip.
+
+    python3 dev.py demo    # start a daemon on loopback and run the example client
+    python3 dev.py test    # ruff, mypy and the whole test suite (both backends)
+
+Each creates (or reuses) the project's virtual environment in ``.venv`` and
+installs what it needs there; it reinstalls only when ``pyproject.toml`` changed.
+Extra arguments after ``test`` go to pytest (``python3 dev.py test -k thread``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+VENV = ROOT / ".venv"
+BIN = VENV / ("Scripts" if os.name == "nt" else "bin")
+PYTHON = BIN / ("python.exe" if os.name == "nt" else "python")
+STAMP = VENV / ".remote-exec-installed"
+
+
+def log(message: str) -> None:
+    print(f"[dev] {message}", flush=True)
+
+
+def run(*args: str | Path, check: bool = True) -> int:
+    log(" ".join(str(a) for a in args))
+    return subprocess.run([str(a) for a in args], cwd=ROOT, check=check).returncode
+
+
+def ensure_venv() -> None:
+    """Create .venv and install the project with its test extra, once per pyproject."""
+    if sys.version_info < (3, 11):  # noqa: UP036 - run by whatever python3 is there
+        sys.exit(f"remote-exec needs Python 3.11 or newer, this is {sys.version.split()[0]}")
+    if not PYTHON.exists():
+        log(f"creating the virtual environment in {VENV}")
+        venv.EnvBuilder(with_pip=True, clear=True).create(VENV)
+    wanted = hashlib.sha256((ROOT / "pyproject.toml").read_bytes()).hexdigest()
+    if STAMP.exists() and STAMP.read_text() == wanted:
+        return
+    run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test]")
+    STAMP.write_text(wanted)
+
+
+def demo(args: list[str]) -> int:
+    ensure_venv()
+    return run(PYTHON, "-m", "examples.demo", *args, check=False)
+
+
+def test(args: list[str]) -> int:
+    ensure_venv()
+    steps = [
+        (PYTHON, "-m", "ruff", "check", "."),
+        (PYTHON, "-m", "ruff", "format", "--check", "."),
+        (PYTHON, "-m", "mypy"),
+        (PYTHON, "-m", "pytest", *args),
+        (PYTHON, "benchmarks/run.py", "--smoke"),
+    ]
+    for step in steps:
+        code = run(*step, check=False)
+        if code != 0:
+            log(f"FAILED ({code}): {' '.join(str(s) for s in step)}")
+            return code
+    log("all checks passed")
+    return 0
+
+
+def main() -> int:
+    commands = {"demo": demo, "test": test}
+    if len(sys.argv) < 2 or sys.argv[1] not in commands:
+        print(__doc__)
+        return 2
+    return commands[sys.argv[1]](sys.argv[2:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

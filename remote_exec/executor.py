@@ -1,0 +1,344 @@
+"""The executor interface, the active-executor context, and remote method markers.
+
+Every executor implements the abstract methods of ``Executor``; what can be
+written once in terms of them (``remote_instance``, applying config and
+properties, lifecycle checks, entering the context) lives here.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import inspect
+from abc import ABC, abstractmethod
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from types import TracebackType
+from typing import Any, ClassVar, Self
+
+from .exceptions import ExecutorStateError, NotAllowedError
+from .registry import InstanceRegistry
+
+__all__ = [
+    "NO_CALLBACK",
+    "Executor",
+    "ExecutorContext",
+    "RemoteMethod",
+    "RemoteStream",
+    "current_executor",
+    "remote_method",
+]
+
+NO_CALLBACK = "#@none"
+"""Pass as ``callback`` to say explicitly that a method has no callback."""
+
+_current: contextvars.ContextVar[Executor | None] = contextvars.ContextVar(
+    "remote_exec_current_executor", default=None
+)
+
+
+def current_executor() -> Executor | None:
+    """The executor of the innermost active ``ExecutorContext`` of this task, or None."""
+    return _current.get()
+
+
+class ExecutorContext:
+    """Make ``executor`` run the decorated methods called inside the block.
+
+    Contexts nest (the innermost wins) and are task-local: they live in a
+    ``ContextVar``, so two tasks can use two executors at once.
+    """
+
+    def __init__(self, executor: Executor | None) -> None:
+        self.executor = executor
+        self._tokens: list[contextvars.Token[Executor | None]] = []
+
+    def __enter__(self) -> Executor | None:
+        self._tokens.append(_current.set(self.executor))
+        return self.executor
+
+    def __exit__(self, *exc_info: object) -> None:
+        _current.reset(self._tokens.pop())
+
+
+@dataclass(frozen=True, slots=True)
+class RemoteMethod:
+    """What ``apply_executor``/``apply_generator_executor`` record on a method.
+
+    The server calls only methods that carry one of these; it calls ``func``
+    (the undecorated function) directly.
+    """
+
+    name: str
+    func: Callable[..., Any]
+    is_generator: bool
+    is_async: bool
+    callback: Callable[..., Any] | str | None
+
+
+def remote_method(cls: type, name: str) -> RemoteMethod:
+    """The remote method ``name`` of ``cls``, if it may be called remotely.
+
+    Raises:
+        NotAllowedError: private names, undecorated or missing methods.
+    """
+    if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+        raise NotAllowedError(
+            f"{name!r} is not a callable method name (private or not an identifier)"
+        )
+    attr = inspect.getattr_static(cls, name, None)
+    marker = getattr(attr, "__remote_exec__", None)
+    if not isinstance(marker, RemoteMethod):
+        raise NotAllowedError(
+            f"{cls.__qualname__}.{name} is not decorated with apply_executor or "
+            "apply_generator_executor, so it cannot be called remotely"
+        )
+    return marker
+
+
+def resolve_callback(
+    obj: Any, callback: Callable[..., Any] | str | None
+) -> Callable[[Any], Any] | None:
+    """The bound callback of ``obj`` for a method's ``callback`` option."""
+    if callback is None or callback == NO_CALLBACK:
+        return None
+    if isinstance(callback, str):
+        bound: Callable[[Any], Any] = getattr(obj, callback)
+        return bound
+    name = getattr(callback, "__name__", None)
+    if name is not None and getattr(type(obj), name, None) is callback:
+        bound = getattr(obj, name)
+        return bound
+    return callback
+
+
+class RemoteStream(ABC):
+    """The result of calling a generator method: an async context manager that
+    yields an async iterator, and that async iterator itself.
+
+    Leaving the ``async with`` block (or ``aclose()``) closes the generator
+    where it runs, so its ``finally`` runs there.
+    """
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.aclose()
+
+    def __aiter__(self) -> Self:
+        return self
+
+    @abstractmethod
+    async def __anext__(self) -> Any: ...
+
+    @abstractmethod
+    async def aclose(self) -> None:
+        """Close the generator (idempotent)."""
+
+
+class Executor(ABC):
+    """Runs decorated methods of held instances somewhere else.
+
+    Use it as an async context manager: entering starts it and, unless
+    ``init_context=False``, enters ``ExecutorContext(self)`` until exit.
+    """
+
+    is_remote: ClassVar[bool] = True
+
+    def __init__(
+        self, *, registry: InstanceRegistry | None = None, init_context: bool = True
+    ) -> None:
+        self.registry = registry if registry is not None else InstanceRegistry()
+        self.init_context = init_context
+        self._state = "new"
+        self._context: ExecutorContext | None = None
+
+    # -- lifecycle -------------------------------------------------------------
+    async def __aenter__(self) -> Self:
+        await self.start()
+        if self.init_context:
+            self._context = ExecutorContext(self)
+            self._context.__enter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        context, self._context = self._context, None
+        if context is not None:
+            try:
+                context.__exit__(exc_type, exc, tb)
+            except ValueError:  # exited from another context than the one entered
+                pass
+        await self.stop()
+
+    @property
+    def started(self) -> bool:
+        return self._state == "running"
+
+    async def start(self) -> None:
+        """Start the executor (``async with`` does this)."""
+        if self._state != "new":
+            raise ExecutorStateError(f"{type(self).__name__} cannot be started twice")
+        self._state = "starting"
+        try:
+            await self._start()
+        except BaseException:
+            self._state = "stopped"
+            raise
+        self._state = "running"
+
+    async def stop(self) -> None:
+        """Stop the executor; further use raises ``ExecutorStateError``. Idempotent."""
+        if self._state in ("stopped", "stopping", "new"):
+            self._state = "stopped"
+            return
+        self._state = "stopping"
+        try:
+            await self._stop()
+        finally:
+            self._state = "stopped"
+
+    def check_running(self) -> None:
+        """Raise a clear error unless the executor is started and not stopped."""
+        if self._state == "running":
+            return
+        name = type(self).__name__
+        if self._state in ("new", "starting"):
+            raise ExecutorStateError(
+                f"{name} is not started: use `async with {name}(...) as executor:`"
+            )
+        raise ExecutorStateError(f"{name} has been stopped and cannot be used any more")
+
+    @abstractmethod
+    async def _start(self) -> None: ...
+
+    @abstractmethod
+    async def _stop(self) -> None: ...
+
+    # -- instances -------------------------------------------------------------
+    @abstractmethod
+    async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
+        """Create the remote twin of ``obj`` as ``name`` (from its class, ``args``,
+        ``kwargs`` and ``_config_props_``); False if ``name`` already existed."""
+
+    @abstractmethod
+    async def delete_remote_instance(self, obj: Any) -> None:
+        """Delete the remote twin of ``obj`` and forget it."""
+
+    @asynccontextmanager
+    async def remote_instance(
+        self, obj: Any, name: str, *args: Any, **kwargs: Any
+    ) -> AsyncIterator[Any]:
+        """Create ``obj``'s remote twin as ``name`` for the block, delete it after.
+
+        Raises:
+            DuplicateInstanceError: ``name`` already exists.
+        """
+        self.check_running()
+        await self.create_remote_instance(obj, name, *args, **kwargs)
+        try:
+            yield obj
+        finally:
+            if self.started:
+                await self.delete_remote_instance(obj)
+
+    @abstractmethod
+    async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
+        """Like ``ensure_remote_instance`` but ``name`` must not exist yet."""
+
+    @abstractmethod
+    async def get_remote_objects(self) -> list[str]:
+        """The names of every instance the remote side holds."""
+
+    # -- calls -----------------------------------------------------------------
+    @abstractmethod
+    async def execute(
+        self,
+        obj: Any,
+        fn: Callable[..., Any] | str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | str | None = None,
+    ) -> Any:
+        """Run the decorated method ``fn`` of held ``obj``; ``callback`` gets the result."""
+
+    @abstractmethod
+    def execute_generator(
+        self,
+        obj: Any,
+        gen: Callable[..., Any] | str,
+        args: Iterable[Any] = (),
+        kwargs: dict[str, Any] | None = None,
+        callback: Callable[..., Any] | str | None = None,
+    ) -> RemoteStream:
+        """Run the decorated generator ``gen`` of held ``obj`` as a stream."""
+
+    # -- config and properties -------------------------------------------------
+    @abstractmethod
+    async def get_remote_object_config(self, obj: Any | None) -> dict[str, Any]:
+        """The ``_config_props_`` values of ``obj``'s twin (None: every instance, by name)."""
+
+    async def apply_config_from_remote(self, obj: Any) -> None:
+        """Copy the twin's config properties onto ``obj``."""
+        for key, value in (await self.get_remote_object_config(obj)).items():
+            setattr(obj, key, value)
+
+    @abstractmethod
+    async def get_remote_object_property_data(
+        self, obj: Any, names: Iterable[str]
+    ) -> dict[str, Any]:
+        """The values of the public attributes ``names`` of ``obj``'s twin."""
+
+    async def apply_property_data_from_remote(self, obj: Any, names: Iterable[str]) -> None:
+        """Copy the twin's attributes ``names`` onto ``obj``."""
+        for key, value in (await self.get_remote_object_property_data(obj, names)).items():
+            setattr(obj, key, value)
+
+    # -- clock, imports, channels ----------------------------------------------
+    @abstractmethod
+    async def get_echo_clock(self) -> tuple[int, int, int]:
+        """(local ns before sending, remote ns, local ns after receiving)."""
+
+    @abstractmethod
+    async def sleep(self, duration: float | None = None, deadline: float | None = None) -> int:
+        """Sleep on the remote side for ``duration`` seconds, or until the remote
+        monotonic ``deadline`` (seconds, as ``time.perf_counter()``); returns the
+        remote time in ns when it woke."""
+
+    @abstractmethod
+    async def remote_import(self, module: str) -> None:
+        """Import ``module`` on the remote side (it must be on the allow-list)."""
+
+    @abstractmethod
+    async def register_remote_class(self, cls: type) -> None:
+        """Make ``cls`` known to the remote side (its module must be allowed)."""
+
+    @abstractmethod
+    def get_channel_from_remote(self, name: str, channel: str) -> RemoteStream:
+        """Events of instance ``name`` ("" for all) on ``channel`` ("create",
+        "delete", "execute", or "" for all), as a stream."""
+
+
+def config_of(obj: Any) -> dict[str, Any]:
+    """The values of ``obj``'s ``_config_props_`` (copied to its remote twin)."""
+    return {name: getattr(obj, name) for name in getattr(type(obj), "_config_props_", ())}
+
+
+CHANNELS = ("create", "delete", "execute")
+
+
+def check_channel(name: str, channel: str) -> None:
+    if not isinstance(name, str) or not isinstance(channel, str):
+        raise TypeError("channel name and kind must be strings")
+    if channel and channel not in CHANNELS:
+        raise ValueError(f"unknown channel {channel!r}: use one of {CHANNELS} or '' for all")

@@ -1,0 +1,3 @@
+"""The remote-exec test suite."""
+
+from __future__ import annotations
