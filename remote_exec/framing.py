@@ -27,6 +27,9 @@ most the buffer cap, that ``24 + r`` is at most the size cap, and (once the
 buffer table is read) that ``8*n + b + sum(lengths) == r``. Any failure raises
 ``FrameError``. Buffers are handed to the codec as ``memoryview`` slices of the
 received frame: nothing is copied.
+
+``docs/wire-format.md`` describes the whole wire format (frames, both codecs,
+messages and their rules) for implementers in other languages.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import struct
 from collections.abc import Sequence
 from typing import Any
 
+import msgpack
 import numpy as np
 
 from remote_exec.codecs import Codec, codec_named
@@ -59,6 +60,12 @@ def message_frame(
     return join(encode_frame(coder.codec_id, body, buffers))
 
 
+def forged_frame(tree: Any, buffers: Sequence[bytes] = ()) -> bytes:
+    """A msgpack frame whose body is ``tree`` packed as is (tags included, unchecked)."""
+    body = msgpack.packb(tree, use_bin_type=True)
+    return join(encode_frame(CODEC_MSGPACK, body, [memoryview(b) for b in buffers]))
+
+
 def float_same(a: float, b: float) -> bool:
     """Equal including the sign of zero; any NaN equals any NaN."""
     if math.isnan(a) or math.isnan(b):
@@ -76,9 +83,9 @@ def assert_same(expected: Any, actual: Any, path: str = "value") -> None:
         assert type(actual) is np.ndarray, f"{path}: {type(actual).__name__} is not an ndarray"
         assert actual.dtype == expected.dtype, f"{path}: dtype {actual.dtype} != {expected.dtype}"
         assert actual.shape == expected.shape, f"{path}: shape {actual.shape} != {expected.shape}"
-        assert (
-            np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes()
-        ), f"{path}: array bytes differ"
+        assert np.ascontiguousarray(actual).tobytes() == np.ascontiguousarray(expected).tobytes(), (
+            f"{path}: array bytes differ"
+        )
         return
     if type(expected) is memoryview:
         assert type(actual) is memoryview, f"{path}: {type(actual).__name__} is not a memoryview"
