@@ -5,7 +5,8 @@ Both codecs carry exactly the same values:
 - JSON scalars (``None``, ``bool``, 64-bit ``int``, ``float`` including NaN and
   infinities, ``str``), ``list`` and ``dict`` (keys: ``str``, ``int``, ``float``,
   ``bool`` or ``None``);
-- ``tuple`` (arrives as a tuple);
+- ``tuple`` (arrives as a tuple); numpy bool, integer and float scalars
+  (arrive as Python ``bool``, ``int`` and ``float``);
 - ``bytes``, ``bytearray``, ``memoryview`` and numpy arrays, always as
   out-of-band buffers of the frame. ``bytes``/``bytearray`` arrive as their own
   type (one copy); a ``memoryview`` arrives as a flat byte ``memoryview`` of the
@@ -190,6 +191,8 @@ class _Walker:
                 return self.tag(code, [len(buffers) - 1])
             if _np is not None and isinstance(obj, _np.ndarray):
                 return self._lower_array(obj, buffers)
+            if _np is not None and isinstance(obj, _np.bool_ | _np.integer | _np.floating):
+                return lower(obj.item(), depth)  # numpy scalars travel as Python numbers
             if registry is not None:
                 name = registry.name_of(obj)
                 if name is not None:
