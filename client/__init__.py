@@ -2,4 +2,27 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from remote_exec.executor import (
+    NO_CALLBACK as NO_CALLBACK,
+    ExecutorContext as ExecutorContext,
+    current_executor as current_executor,
+)
+
+from .decorators import (
+    apply_executor as apply_executor,
+    apply_generator_executor as apply_generator_executor,
+)
+from .process import ProcessExecutor as ProcessExecutor
+from .thread import ThreadExecutor as ThreadExecutor
+from .websocket import WebSocketExecutor as WebSocketExecutor
+
+__all__ = [
+    "NO_CALLBACK",
+    "ExecutorContext",
+    "ProcessExecutor",
+    "ThreadExecutor",
+    "WebSocketExecutor",
+    "apply_executor",
+    "apply_generator_executor",
+    "current_executor",
+]

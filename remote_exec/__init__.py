@@ -8,8 +8,10 @@ names are re-exported here.
 
 from __future__ import annotations
 
-# The client side last: its modules import the core modules above.
-from .client.decorators import (
+from .client import (
+    ProcessExecutor as ProcessExecutor,
+    ThreadExecutor as ThreadExecutor,
+    WebSocketExecutor as WebSocketExecutor,
     apply_executor as apply_executor,
     apply_generator_executor as apply_generator_executor,
 )
@@ -27,7 +29,10 @@ __all__ = [
     "Executor",
     "ExecutorContext",
     "InstanceRegistry",
+    "ProcessExecutor",
     "RemoteException",
+    "ThreadExecutor",
+    "WebSocketExecutor",
     "apply_executor",
     "apply_generator_executor",
     "current_executor",

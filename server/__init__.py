@@ -2,4 +2,7 @@
 
 from __future__ import annotations
 
-__all__: list[str] = []
+from .app import RemoteExecApp as RemoteExecApp, create_app as create_app
+from .dispatch import Dispatcher as Dispatcher
+
+__all__: list[str] = ["Dispatcher", "RemoteExecApp", "create_app"]

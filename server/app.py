@@ -1,0 +1,496 @@
+"""The ASGI app the daemon serves (a plain ASGI callable, no framework).
+
+* websocket, any path (``ws://host:port`` reaches it): executors connect here.
+  Before accepting, the app rejects a browser ``Origin`` that is not
+  allow-listed (HTTP 403), a missing or wrong ``Authorization: Bearer`` token
+  (HTTP 401, compared in constant time; a token in the URL is never accepted),
+  and connections beyond the cap (HTTP 503). An accepted connection carries
+  remote-exec frames as binary messages, handed to ``Dispatcher.serve``; a text
+  message closes that connection (code 1003) and no other.
+* ``GET /health``: open, ``{"status": "ok"}`` and nothing else.
+* ``GET /instances``: behind the token, the instance names and the
+  dispatcher's statistics.
+* anything else: 404.
+
+``RemoteExecApp.shutdown(grace)`` stops taking connections, gives in-flight
+calls ``grace`` seconds, then cancels what is left (callers get an error) and
+closes every websocket with code 1001.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import socket
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import TYPE_CHECKING, Any, cast
+
+import anyio
+import sniffio
+from hypercorn.config import Config
+
+from remote_exec.auth import bearer_token, check_token
+from remote_exec.exceptions import ConnectionLostError
+from remote_exec.protocol import Limits
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+__all__ = ["ASGIWebSocketTransport", "RemoteExecApp", "create_app", "hypercorn_config", "serve"]
+
+logger = logging.getLogger("remote_exec.server")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+DEFAULT_MAX_CONNECTIONS = 64
+# How often shutdown looks whether in-flight calls have finished.
+_IDLE_POLL = 0.05
+
+# Websocket close codes (RFC 6455).
+_NORMAL = 1000
+_GOING_AWAY = 1001
+_UNSUPPORTED_DATA = 1003
+_POLICY = 1008
+_TOO_BIG = 1009
+_INTERNAL_ERROR = 1011
+
+
+class ASGIWebSocketTransport:
+    """A ``FrameTransport`` over an accepted ASGI websocket: one frame per binary message."""
+
+    def __init__(self, receive: Receive, send: Send, *, max_size: int | None = None) -> None:
+        self._receive = receive
+        self._send = send
+        self._max_size = max_size
+        self._lock = anyio.Lock()
+        self.closed = False
+        self.close_reason = ""
+        # What ``aclose`` (called by the dispatcher) says; 1001 once the server stops.
+        self.going_away = False
+
+    async def send_frame(self, pieces: Sequence[bytes | memoryview]) -> None:
+        if self.closed:
+            raise ConnectionLostError(f"the websocket is closed ({self.close_reason})")
+        # ASGI has no fragmented send: one message is one bytes object.
+        data = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+        async with self._lock:
+            try:
+                await self._send({"type": "websocket.send", "bytes": data})
+            except Exception as exc:  # the server's connection is gone
+                self.closed = True
+                raise ConnectionLostError(f"sending failed: {exc!r}") from exc
+
+    async def receive_frame(self) -> bytes:
+        if self.closed:
+            raise ConnectionLostError(f"the websocket is closed ({self.close_reason})")
+        message = await self._receive()
+        kind = message.get("type")
+        if kind == "websocket.receive":
+            data = message.get("bytes")
+            if data is None:
+                await self.close(
+                    _UNSUPPORTED_DATA, "remote-exec takes binary messages only, not text"
+                )
+                raise ConnectionLostError("the client sent a text message: connection closed")
+            if self._max_size is not None and len(data) > self._max_size:
+                await self.close(_TOO_BIG, "message too big")
+                raise ConnectionLostError("the client sent a message over the size cap")
+            return bytes(data)
+        self.closed = True
+        if kind == "websocket.disconnect":
+            self.close_reason = f"client disconnected, code {message.get('code')}"
+            raise ConnectionLostError(f"the client went away ({self.close_reason})")
+        self.close_reason = f"unexpected ASGI message {kind!r}"
+        raise ConnectionLostError(self.close_reason)
+
+    async def close(self, code: int = _NORMAL, reason: str = "") -> None:
+        """Close the websocket with ``code`` and ``reason`` (idempotent)."""
+        if self.closed:
+            return
+        self.closed = True
+        self.close_reason = reason or f"code {code}"
+        with anyio.CancelScope(shield=True):
+            # Already gone: nothing left to close.
+            with contextlib.suppress(Exception):
+                async with self._lock:
+                    await self._send({"type": "websocket.close", "code": code, "reason": reason})
+
+    async def aclose(self) -> None:
+        if self.going_away:
+            await self.close(_GOING_AWAY, "server shutting down")
+        else:
+            await self.close(_NORMAL, "")
+
+
+class _Connection:
+    __slots__ = ("cancel_scope", "peer", "transport")
+
+    def __init__(self, transport: ASGIWebSocketTransport, peer: str) -> None:
+        self.transport = transport
+        self.peer = peer
+        self.cancel_scope = anyio.CancelScope()
+
+
+class RemoteExecApp:
+    """The ASGI app: see the module docstring. Made by ``create_app``."""
+
+    def __init__(
+        self,
+        dispatcher: Dispatcher,
+        *,
+        token: str | None,
+        allowed_origins: Sequence[str] = (),
+        max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        limits: Limits | None = None,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.dispatcher = dispatcher
+        self.limits = limits or Limits()
+        self.max_connections = max_connections
+        self._token = token
+        self._origins = frozenset(origin.rstrip("/").lower() for origin in allowed_origins)
+        self._connections: set[_Connection] = set()
+        self._closing = False
+        self._dispatcher_closed = False
+        self._startup_hooks: list[Callable[[], Any]] = []
+
+    # -- ASGI entry point ------------------------------------------------------------
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        kind = scope.get("type")
+        if kind == "websocket":
+            await self._websocket(scope, receive, send)
+        elif kind == "http":
+            await self._http(scope, send)
+        elif kind == "lifespan":
+            await self._lifespan(receive, send)
+
+    def on_startup(self, hook: Callable[[], Any]) -> None:
+        """Call ``hook()`` once the server has started (ASGI lifespan startup)."""
+        self._startup_hooks.append(hook)
+
+    @property
+    def connection_count(self) -> int:
+        return len(self._connections)
+
+    # -- lifespan ----------------------------------------------------------------------
+    async def _lifespan(self, receive: Receive, send: Send) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    for hook in self._startup_hooks:
+                        hook()
+                except Exception as exc:
+                    logger.exception("startup failed")
+                    await send({"type": "lifespan.startup.failed", "message": repr(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown(0)
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    # -- checks --------------------------------------------------------------------------
+    def _authorized(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        """None if the token is right, else (HTTP status, reason)."""
+        if self._token is None:
+            return None
+        given = bearer_token(headers.get(b"authorization"))
+        if check_token(self._token, given):
+            return None
+        if given is None:
+            return 401, "missing token: send it as an 'Authorization: Bearer <token>' header"
+        return 401, "invalid token"
+
+    def _origin_refused(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        origin = headers.get(b"origin")
+        if origin is None:  # not a browser
+            return None
+        value = origin.decode("latin-1").rstrip("/").lower()
+        if value in self._origins or "*" in self._origins:
+            return None
+        return 403, f"origin {value!r} is not allowed (see --allowed-origin)"
+
+    # -- websocket -----------------------------------------------------------------------
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        message = await receive()
+        if message.get("type") != "websocket.connect":
+            return
+        headers = _headers(scope)
+        peer = _peer(scope)
+        refusal = self._origin_refused(headers) or self._authorized(headers)
+        if refusal is None and self._closing:
+            refusal = 503, "the server is shutting down"
+        if refusal is None and len(self._connections) >= self.max_connections:
+            refusal = 503, f"too many connections (the cap is {self.max_connections})"
+        if refusal is not None:
+            logger.warning("refused websocket from %s: %s", peer or "?", refusal[1])
+            await _deny(scope, send, *refusal)
+            return
+        transport = ASGIWebSocketTransport(receive, send, max_size=self.limits.max_message_size)
+        connection = _Connection(transport, peer)
+        self._connections.add(connection)  # before any await: the cap holds
+        try:
+            await send({"type": "websocket.accept"})
+            logger.info("client %s connected", peer or "?")
+            with connection.cancel_scope:
+                await self.dispatcher.serve(transport, peer=peer)
+        except Exception:
+            # Never let one connection's failure reach the server.
+            logger.exception("connection from %s failed", peer or "?")
+            await transport.close(_INTERNAL_ERROR, "internal server error")
+        finally:
+            self._connections.discard(connection)
+            await transport.close(_NORMAL, "")
+            logger.info("client %s disconnected", peer or "?")
+
+    # -- HTTP ------------------------------------------------------------------------------
+    async def _http(self, scope: Scope, send: Send) -> None:
+        method = scope.get("method", "GET")
+        path = scope.get("path", "/").rstrip("/") or "/"
+        if path not in ("/health", "/instances"):
+            await _json(send, 404, {"error": "not found"}, method)
+            return
+        if method not in ("GET", "HEAD"):
+            await _json(send, 405, {"error": "method not allowed"}, method, [(b"allow", b"GET")])
+            return
+        if path == "/health":
+            await _json(send, 200, {"status": "ok"}, method)
+            return
+        refusal = self._authorized(_headers(scope))
+        if refusal is not None:
+            await _json(
+                send,
+                refusal[0],
+                {"error": refusal[1]},
+                method,
+                [(b"www-authenticate", b"Bearer")],
+            )
+            return
+        body = {
+            "instances": sorted(self.dispatcher.registry.instance_names()),
+            "statistics": self.dispatcher.statistics(),
+        }
+        await _json(send, 200, body, method)
+
+    # -- shutdown ---------------------------------------------------------------------------
+    def _in_flight(self) -> int:
+        try:
+            stats = self.dispatcher.statistics()
+        except Exception:  # noqa: BLE001 - never let statistics stop a shutdown
+            return 0
+        value = stats.get("calls_in_flight", 0)
+        return value if isinstance(value, int) else 0
+
+    async def shutdown(self, grace: float = 5.0) -> None:
+        """Refuse new connections, let in-flight calls finish for up to ``grace``
+        seconds, then cancel the rest (their callers get an error) and close
+        every connection with code 1001. Idempotent."""
+        self._closing = True
+        for connection in self._connections:
+            connection.transport.going_away = True
+        if grace > 0 and self._in_flight():
+            logger.info("waiting up to %s s for in-flight calls", grace)
+            with anyio.move_on_after(grace):
+                # The dispatcher has no "idle" event to wait on: look now and then.
+                while self._in_flight():  # noqa: ASYNC110
+                    await anyio.sleep(_IDLE_POLL)
+        if not self._dispatcher_closed:
+            self._dispatcher_closed = True
+            try:
+                await self.dispatcher.aclose()
+            except Exception:
+                logger.exception("closing the dispatcher failed")
+        for connection in list(self._connections):
+            await connection.transport.close(_GOING_AWAY, "server shutting down")
+            connection.cancel_scope.cancel()
+
+    def statistics(self) -> dict[str, Any]:
+        return {"connections": len(self._connections), "closing": self._closing}
+
+
+def create_app(
+    dispatcher: Dispatcher,
+    *,
+    token: str | None,
+    allowed_origins: Sequence[str] = (),
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    limits: Limits | None = None,
+) -> RemoteExecApp:
+    """The ASGI app serving ``dispatcher``.
+
+    Args:
+        dispatcher: answers the calls of every connection.
+        token: the bearer token clients must send (None: no authentication).
+        allowed_origins: browser origins allowed to connect (``"*"``: any);
+            requests without an ``Origin`` header (non-browser clients) pass.
+        max_connections: websocket connections served at once.
+        limits: ``max_message_size`` caps incoming messages.
+    """
+    return RemoteExecApp(
+        dispatcher,
+        token=token,
+        allowed_origins=allowed_origins,
+        max_connections=max_connections,
+        limits=limits,
+    )
+
+
+def _headers(scope: Scope) -> dict[bytes, bytes]:
+    """Request headers by lower-case name (the first value of each)."""
+    headers: dict[bytes, bytes] = {}
+    for name, value in scope.get("headers", ()):
+        headers.setdefault(bytes(name).lower(), bytes(value))
+    return headers
+
+
+def _peer(scope: Scope) -> str:
+    client = scope.get("client")
+    if not client:
+        return ""
+    host, port = client[0], client[1]
+    return f"[{host}]:{port}" if ":" in str(host) else f"{host}:{port}"
+
+
+async def _deny(scope: Scope, send: Send, status: int, reason: str) -> None:
+    """Refuse a websocket handshake with an HTTP response saying why."""
+    if "websocket.http.response" in scope.get("extensions", {}):
+        body = reason.encode()
+        headers = [
+            (b"content-type", b"text/plain; charset=utf-8"),
+            (b"content-length", str(len(body)).encode()),
+        ]
+        if status == 401:
+            headers.append((b"www-authenticate", b"Bearer"))
+        await send({"type": "websocket.http.response.start", "status": status, "headers": headers})
+        await send({"type": "websocket.http.response.body", "body": body})
+    else:  # the server answers 403 for a close before accept
+        await send({"type": "websocket.close", "code": _POLICY})
+
+
+async def _json(
+    send: Send,
+    status: int,
+    payload: Any,
+    method: str = "GET",
+    extra_headers: Iterable[tuple[bytes, bytes]] = (),
+) -> None:
+    body = json.dumps(payload, default=str).encode()
+    headers = [
+        (b"content-type", b"application/json"),
+        (b"content-length", str(len(body)).encode()),
+        (b"cache-control", b"no-store"),
+        *extra_headers,
+    ]
+    await send({"type": "http.response.start", "status": status, "headers": headers})
+    await send({"type": "http.response.body", "body": b"" if method == "HEAD" else body})
+
+
+def hypercorn_config(
+    sock: socket.socket,
+    *,
+    limits: Limits | None = None,
+    certfile: str | None = None,
+    keyfile: str | None = None,
+    ping_interval: float | None = 20.0,
+    graceful_timeout: float = 0.5,
+) -> Config:
+    """A hypercorn ``Config`` serving on the bound, listening ``sock``.
+
+    The socket is handed over as ``fd://N`` (hypercorn owns it afterwards), so
+    a port the kernel picked (port 0) is served without a race. Websocket
+    messages are capped at ``limits.max_message_size``; hypercorn pings every
+    ``ping_interval`` seconds. ``graceful_timeout`` is short because ``serve``
+    has already drained the app when hypercorn starts waiting.
+    """
+    limits = limits or Limits()
+    config = Config()
+    config.bind = [f"fd://{sock.detach()}"]
+    config.websocket_max_message_size = limits.max_message_size
+    config.websocket_ping_interval = ping_interval
+    config.certfile = certfile
+    config.keyfile = keyfile
+    config.alpn_protocols = ["http/1.1"]  # websockets over HTTP/1.1 only
+    config.graceful_timeout = graceful_timeout
+    config.include_server_header = False
+    config.accesslog = None  # stdout carries only the "serving on" line
+    config.errorlog = logging.getLogger("hypercorn.error")
+    return config
+
+
+async def serve(
+    app: RemoteExecApp,
+    config: Config,
+    *,
+    shutdown_trigger: Callable[[], Awaitable[Any]],
+    grace: float = 5.0,
+) -> None:
+    """Run hypercorn on the current event loop (asyncio or trio) until
+    ``shutdown_trigger()`` returns, then shut down gracefully.
+
+    The app drains first (``app.shutdown(grace)``: new websockets are refused,
+    in-flight calls get ``grace`` seconds, then the rest are cancelled and
+    every connection closed); only then does hypercorn stop, waiting at most
+    ``config.graceful_timeout`` for what is left of its connections.
+    """
+
+    async def drained() -> None:
+        await shutdown_trigger()
+        await app.shutdown(grace)
+
+    asgi = cast(Any, app)
+    if sniffio.current_async_library() == "trio":
+        from hypercorn.trio import serve as trio_serve
+
+        await trio_serve(asgi, config, shutdown_trigger=drained, mode="asgi")
+        return
+    # hypercorn's asyncio worker leaves its task with a pending cancellation
+    # (CPython 3.11's TaskGroup does not undo the cancel it sends its parent
+    # once it started exiting): give it a task of its own.
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(_serve_asyncio, asgi, config, drained)
+
+
+async def _serve_asyncio(
+    asgi: Any, config: Config, shutdown_trigger: Callable[[], Awaitable[None]]
+) -> None:
+    import asyncio
+
+    from hypercorn.asyncio import serve as asyncio_serve
+
+    drained = False
+
+    async def trigger() -> None:
+        nonlocal drained
+        await shutdown_trigger()
+        drained = True
+
+    loop = asyncio.get_running_loop()
+    previous = loop.get_exception_handler()
+
+    def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        # hypercorn cancels connection tasks that outlive ``graceful_timeout``
+        # (a websocket keepalive task sleeping out its interval); asyncio then
+        # reports the cancellation as an error. It is not one.
+        if drained and isinstance(context.get("exception"), asyncio.CancelledError):
+            return
+        if previous is not None:
+            previous(loop, context)
+        else:
+            loop.default_exception_handler(context)
+
+    loop.set_exception_handler(handler)
+    try:
+        await asyncio_serve(asgi, config, shutdown_trigger=trigger, mode="asgi")
+    except asyncio.CancelledError:
+        # ... and then lets their CancelledError escape ``serve``: once the app
+        # has drained, that is the end of a graceful shutdown, not a cancellation.
+        if not drained:
+            raise
+    finally:
+        loop.set_exception_handler(previous)

@@ -1,0 +1,350 @@
+"""``remote-exec serve``: the daemon.
+
+::
+
+    remote-exec serve --host 127.0.0.1 --port 8765 [--allow-module PATTERN ...]
+        [--allow-import-from-main] [--token-file F | --no-auth]
+        [--certfile F --keyfile F] [--insecure] [--backend asyncio|trio]
+        [--allowed-origin O ...] [--max-message-size N] [--max-connections N]
+        [--max-calls N] [--grace S] [--log-level L]
+
+``python -m remote_exec.server [options]`` is the same as ``remote-exec serve [options]``.
+
+The daemon binds its listening socket itself (so ``--port 0`` picks a free
+port), hands it to hypercorn as ``fd://N``, and once it serves prints exactly
+one line to stdout::
+
+    remote-exec serving on ws://127.0.0.1:8765 (token file: /home/me/.local/state/remote-exec/token)
+
+(``wss://`` with TLS; the token file part only when the token is in a file; the
+token itself is never printed). Everything else goes to stderr via ``logging``.
+
+Safety: binds 127.0.0.1 unless told; a non-loopback address needs TLS
+(``--certfile``/``--keyfile``) or an explicit ``--insecure`` (else exit code 2);
+a token is required unless ``--no-auth``: from ``--token-file``, else
+``REMOTE_EXEC_TOKEN``, else the per-user token file (created if missing).
+
+SIGINT/SIGTERM: stop accepting, give in-flight calls ``--grace`` seconds, then
+cancel them (their callers get an error), exit code 0. A second signal exits
+at once (code 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskGroup
+
+from remote_exec.auth import (
+    TOKEN_ENV,
+    TokenFileError,
+    is_loopback_host,
+    load_or_create_token,
+)
+from remote_exec.protocol import Limits
+
+from .app import DEFAULT_MAX_CONNECTIONS, RemoteExecApp, create_app, hypercorn_config, serve
+from .dispatch import Dispatcher
+
+__all__ = ["build_parser", "main"]
+
+logger = logging.getLogger("remote_exec.server")
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 8765
+_FORCED_EXIT = 1
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="remote-exec", description="remote-exec: run methods of Python objects remotely."
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    serve_parser = commands.add_parser(
+        "serve",
+        help="run the daemon (websocket endpoint and /health, /instances)",
+        description="Serve remote-exec executors over websockets (hypercorn).",
+    )
+    add_serve_arguments(serve_parser)
+    return parser
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    net = parser.add_argument_group("network")
+    net.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
+    net.add_argument(
+        "--port",
+        type=int,
+        default=DEFAULT_PORT,
+        help="port, 0 for any free one (default %(default)s)",
+    )
+    net.add_argument("--certfile", help="TLS certificate (PEM): serve wss://")
+    net.add_argument("--keyfile", help="TLS private key (PEM)")
+    net.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback bind without TLS (the token travels in clear text)",
+    )
+    net.add_argument(
+        "--allowed-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="browser Origin allowed to connect (repeatable; '*' for any)",
+    )
+
+    auth = parser.add_argument_group("authentication").add_mutually_exclusive_group()
+    auth.add_argument(
+        "--token-file",
+        type=Path,
+        help=f"file holding the token (created if missing); default: ${TOKEN_ENV}, "
+        "else the per-user token file",
+    )
+    auth.add_argument("--no-auth", action="store_true", help="accept clients without a token")
+
+    code = parser.add_argument_group("what may run")
+    code.add_argument(
+        "--allow-module",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="module (glob pattern, e.g. 'mylab.*') whose classes may be instantiated (repeatable)",
+    )
+    code.add_argument(
+        "--allow-import-from-main",
+        action="store_true",
+        help="allow classes defined in a client's __main__ script",
+    )
+
+    caps = parser.add_argument_group("limits")
+    defaults = Limits()
+    caps.add_argument(
+        "--max-message-size",
+        type=_positive_int,
+        default=defaults.max_message_size,
+        metavar="BYTES",
+        help="largest message accepted (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        help="websocket connections at once (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-calls",
+        type=_positive_int,
+        default=defaults.max_calls,
+        help="calls in flight per connection (default %(default)s)",
+    )
+
+    run = parser.add_argument_group("running")
+    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    run.add_argument(
+        "--grace",
+        type=float,
+        default=5.0,
+        metavar="SECONDS",
+        help="on SIGINT/SIGTERM, time given to in-flight calls (default %(default)s)",
+    )
+    run.add_argument(
+        "--ping-interval",
+        type=float,
+        default=20.0,
+        metavar="SECONDS",
+        help="websocket keepalive ping interval, 0 to disable (default %(default)s)",
+    )
+    run.add_argument(
+        "--log-level",
+        default="INFO",
+        type=str.upper,
+        choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+    )
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
+class _UsageError(Exception):
+    """A bad combination of options: exit code 2, like argparse."""
+
+
+def _resolve_token(args: argparse.Namespace) -> tuple[str | None, Path | None]:
+    if args.no_auth:
+        return None, None
+    if args.token_file is not None:
+        token, path, created = load_or_create_token(args.token_file)
+        if created:
+            logger.info("generated a new token in %s", path)
+        return token, path
+    from_env = os.environ.get(TOKEN_ENV)
+    if from_env:
+        return from_env, None
+    token, path, created = load_or_create_token()
+    if created:
+        logger.info("generated a new token in %s", path)
+    return token, path
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket on ``host``:``port`` (0 picks a free port)."""
+    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    family, kind, proto, _, address = infos[0]
+    sock = socket.socket(family, kind, proto)
+    try:
+        if os.name != "nt":  # on Windows SO_REUSEADDR would let others steal the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.bind(address)
+        sock.listen(128)
+    except BaseException:
+        sock.close()
+        raise
+    return sock
+
+
+def _url(sock: socket.socket, tls: bool) -> str:
+    host, port = sock.getsockname()[:2]
+    if ":" in host:
+        host = f"[{host}]"
+    return f"{'wss' if tls else 'ws'}://{host}:{port}"
+
+
+class _Run:
+    """What the signal watcher tells the daemon."""
+
+    def __init__(self) -> None:
+        self.stop = anyio.Event()
+        self.forced = False
+
+
+async def _watch_signals(run: _Run, task_group: TaskGroup) -> None:
+    try:
+        with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            async for signum in signals:
+                if not run.stop.is_set():
+                    logger.info("%s: shutting down", signal.Signals(signum).name)
+                    run.stop.set()
+                else:
+                    logger.warning("second signal: exiting now")
+                    run.forced = True
+                    task_group.cancel_scope.cancel()
+                    return
+    except NotImplementedError:  # no signal receiver here (Windows): Ctrl+C still stops
+        await anyio.sleep_forever()
+
+
+async def _serve(app: RemoteExecApp, args: argparse.Namespace, sock: socket.socket) -> bool:
+    """Serve until a signal; True if a second signal forced the exit."""
+    config = hypercorn_config(
+        sock,
+        limits=app.limits,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+        ping_interval=args.ping_interval or None,
+    )
+    run = _Run()
+    async with anyio.create_task_group() as task_group:
+        task_group.start_soon(_watch_signals, run, task_group)
+        await serve(app, config, shutdown_trigger=run.stop.wait, grace=args.grace)
+        logger.info("stopped")
+        task_group.cancel_scope.cancel()
+    return run.forced
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """Run the daemon for parsed ``serve`` arguments; the process exit code."""
+    logging.basicConfig(
+        level=args.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    tls = bool(args.certfile or args.keyfile)
+    if tls and not (args.certfile and args.keyfile):
+        raise _UsageError("TLS needs both --certfile and --keyfile")
+    if not is_loopback_host(args.host) and not tls and not args.insecure:
+        raise _UsageError(
+            f"refusing to listen on {args.host!r} without TLS: the token and every call would "
+            "cross the network in clear text. Pass --certfile and --keyfile to serve wss://, "
+            "or --insecure if the network is trusted"
+        )
+    if not 0 <= args.port <= 65535:
+        raise _UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.grace < 0:
+        raise _UsageError("--grace cannot be negative")
+    if tls:
+        for name in (args.certfile, args.keyfile):
+            if not Path(name).is_file():
+                raise _UsageError(f"no such file: {name}")
+
+    try:
+        token, token_path = _resolve_token(args)
+    except (TokenFileError, OSError) as exc:
+        raise _UsageError(str(exc)) from exc
+    if token is None:
+        logger.warning("authentication is off (--no-auth): anyone who can connect can run calls")
+    if args.insecure and not is_loopback_host(args.host):
+        logger.warning("serving without TLS on %s (--insecure)", args.host)
+
+    limits = dataclasses.replace(
+        Limits(), max_message_size=args.max_message_size, max_calls=args.max_calls
+    )
+    dispatcher = Dispatcher(
+        allow_modules=args.allow_module,
+        allow_import_from_main=args.allow_import_from_main,
+        limits=limits,
+    )
+    app = create_app(
+        dispatcher,
+        token=token,
+        allowed_origins=args.allowed_origin,
+        max_connections=args.max_connections,
+        limits=limits,
+    )
+    try:
+        sock = _bind(args.host, args.port)
+    except OSError as exc:
+        logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
+        return 1
+    line = f"remote-exec serving on {_url(sock, tls)}"
+    if token_path is not None:
+        line += f" (token file: {token_path})"
+
+    def announce() -> None:
+        print(line, flush=True)  # the one line a parent process waits for
+
+    app.on_startup(announce)
+    try:
+        forced = anyio.run(_serve, app, args, sock, backend=args.backend)
+    except KeyboardInterrupt:  # a signal before the receiver was installed
+        return _FORCED_EXIT
+    return _FORCED_EXIT if forced else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """The ``remote-exec`` console script."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        if args.command == "serve":
+            return run_serve(args)
+    except _UsageError as exc:
+        parser.exit(2, f"remote-exec serve: error: {exc}\n")
+    parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse checks
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,159 @@
+"""Instrument classes for the conformance suite.
+
+They are imported by the test process and, for the remote executors, by the
+child process or the daemon. State shared between instances (gates, logs)
+lives in module globals *of the side that runs the methods*, keyed by the
+instance's ``tag`` so that tests never see each other's state.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import defaultdict
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+import anyio
+
+from remote_exec import apply_executor, apply_generator_executor, register_coder
+
+LOG: defaultdict[str, list[Any]] = defaultdict(list)
+BARRIERS: dict[str, threading.Barrier] = {}
+_BARRIERS_LOCK = threading.Lock()
+
+
+class Point:
+    """A custom type taught to every registry through the module-level table."""
+
+    def __init__(self, x: float, y: float) -> None:
+        self.x, self.y = x, y
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Point) and (self.x, self.y) == (other.x, other.y)
+
+    def __hash__(self) -> int:
+        return hash((self.x, self.y))
+
+
+register_coder("conformance.Point", Point, lambda p: [p.x, p.y], lambda v: Point(*v))
+
+
+class Device:
+    _config_props_ = ("exposure", "label")
+
+    def __init__(self, tag: str = "", gain: int = 1) -> None:
+        self.tag = tag
+        self.gain = gain
+        self.exposure = 10
+        self.label = "default"
+        self.results: list[Any] = []
+
+    def record(self, value: Any) -> None:  # a callback: runs on the calling side
+        self.results.append(value)
+
+    def _secret(self) -> str:
+        return "never callable remotely"
+
+    def undecorated(self) -> str:
+        return "never callable remotely"
+
+    @apply_executor
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @apply_executor
+    def thread_name(self) -> str:
+        return threading.current_thread().name
+
+    @apply_executor(callback=record)
+    def numbered(self, i: int) -> int:
+        LOG[self.tag].append(i)
+        return i
+
+    @apply_executor
+    def log(self) -> list[Any]:
+        return list(LOG[self.tag])
+
+    @apply_executor
+    def config(self) -> dict[str, Any]:
+        return {"tag": self.tag, "gain": self.gain, "exposure": self.exposure, "label": self.label}
+
+    @apply_executor
+    def fail(self, kind: str, message: str) -> None:
+        errors: dict[str, type[Exception]] = {
+            "ValueError": ValueError,
+            "KeyError": KeyError,
+            "TimeoutError": TimeoutError,
+            "RuntimeError": RuntimeError,
+        }
+        raise errors[kind](message)
+
+    @apply_executor
+    def rendezvous(self, key: str, parties: int) -> int:
+        """Blocks until ``parties`` calls meet: only concurrent calls pass."""
+        with _BARRIERS_LOCK:
+            barrier = BARRIERS.setdefault(key, threading.Barrier(parties, timeout=10))
+        return barrier.wait()
+
+    @apply_executor
+    async def wait_forever(self, key: str) -> None:
+        LOG[key].append("started")
+        try:
+            await anyio.sleep_forever()
+        finally:
+            LOG[key].append("finally")
+
+    @apply_executor
+    async def async_add(self, a: int, b: int) -> int:
+        await anyio.lowlevel.checkpoint()
+        return (a + b) * self.gain
+
+    @apply_executor
+    def mark(self, key: str, value: str) -> str:
+        LOG[key].append(value)
+        return value
+
+    @apply_executor
+    def entries(self, key: str) -> list[Any]:
+        return list(LOG[key])
+
+    @apply_executor
+    def is_twin(self, other: Any) -> bool:
+        return isinstance(other, Device) and other is not self and other.tag != self.tag
+
+    @apply_executor
+    def itself(self) -> Device:
+        return self
+
+    @apply_generator_executor(callback=record)
+    def count(self, n: int) -> Iterator[int]:
+        yield from range(n)
+
+    @apply_generator_executor
+    async def acount(self, n: int) -> AsyncIterator[int]:
+        for i in range(n):
+            await anyio.lowlevel.checkpoint()
+            yield i
+
+    @apply_generator_executor
+    def tracked(self, key: str, n: int) -> Iterator[int]:
+        try:
+            for i in range(n):
+                LOG[key].append(i)
+                yield i
+        finally:
+            LOG[key].append("closed")
+
+    @apply_generator_executor
+    async def atracked(self, key: str, n: int) -> AsyncIterator[int]:
+        try:
+            for i in range(n):
+                LOG[key].append(i)
+                yield i
+        finally:
+            LOG[key].append("closed")
+
+    @apply_generator_executor
+    def failing(self, n: int) -> Iterator[int]:
+        yield from range(n)
+        raise ValueError(f"broke after {n}")

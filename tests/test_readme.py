@@ -1,0 +1,28 @@
+"""The README's 30-second example runs as written, on both backends."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import anyio
+import pytest
+
+README = Path(__file__).resolve().parent.parent / "README.md"
+
+
+def _first_python_block() -> str:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.S)
+    assert blocks, "the README has no python example"
+    return blocks[0]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_readme_example_runs(backend: str, capsys: pytest.CaptureFixture[str]) -> None:
+    source = _first_python_block().replace("anyio.run(main)", "")
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(source, str(README), "exec"), namespace)
+    anyio.run(namespace["main"], backend=backend)  # type: ignore[arg-type]
+    out = capsys.readouterr().out
+    assert "got 1024 bytes" in out
+    assert out.split()[-5:] == ["0", "1", "2", "3", "4"]
