@@ -59,7 +59,7 @@ _PR_SET_PDEATHSIG = 1
 
 
 def _die_with_parent() -> None:
-    """Ask the kernel to SIGKILL this process when its parent exits (Linux)."""
+    """Ask the kernel to SIGKILL this process when the parent thread that forked it exits."""
     if not sys.platform.startswith("linux"):
         return
     try:

@@ -112,15 +112,24 @@ class _Entry:
 
     __slots__ = ()
 
+    # Sync work that may be handed to the worker thread while the entries
+    # before it still run there: the worker's own FIFO keeps them in order.
+    pipelined = False
+
     def start(self) -> bool:
         """Called when the entry becomes the head; False: skip it (it is dropped)."""
         raise NotImplementedError
 
 
 class _Instance:
-    """A held object, its worker thread and its FIFO."""
+    """A held object, its worker thread and its FIFO.
 
-    __slots__ = ("busy", "deleted", "key", "name", "obj", "queue", "runners", "streams", "worker")
+    The first ``active`` entries of ``queue`` have started: either one entry
+    alone, or a run of pipelined sync entries already handed to the worker
+    thread (which runs them one at a time, in order). They finish in order.
+    """
+
+    __slots__ = ("active", "deleted", "key", "name", "obj", "queue", "runners", "streams", "worker")
 
     def __init__(self, name: str, obj: Any, key: tuple[str, str], worker: InstanceWorker) -> None:
         self.name = name
@@ -128,7 +137,7 @@ class _Instance:
         self.key = key  # (module, qualname) as the client asked for it
         self.worker = worker
         self.queue: deque[_Entry] = deque()
-        self.busy = False  # the head entry is active
+        self.active = 0  # how many entries at the front have started
         self.deleted = False
         self.streams: set[_Stream] = set()  # streams whose generator may be alive
         self.runners: set[_Runner] = set()
@@ -137,61 +146,74 @@ class _Instance:
         if self.deleted:
             raise UnknownInstanceError(f"the instance {self.name!r} was deleted")
         self.queue.append(entry)
-        if not self.busy:
-            self._advance()
+        self._advance()
 
     def enqueue_next(self, entry: _Entry) -> None:
-        """Queue ``entry`` right after the active one (closing a generator jumps the queue)."""
+        """Queue ``entry`` right after the active ones (closing a generator jumps the queue)."""
         if self.deleted:
             raise UnknownInstanceError(f"the instance {self.name!r} was deleted")
-        if self.busy:
-            self.queue.insert(1, entry)
-        else:
-            self.queue.appendleft(entry)
-            self._advance()
+        self.queue.insert(self.active, entry)
+        self._advance()
 
-    def is_head(self, entry: _Entry) -> bool:
-        return self.busy and bool(self.queue) and self.queue[0] is entry
+    def waiting(self) -> int:
+        """How many entries have not begun to run (some may wait in the worker)."""
+        queue = self.queue
+        handed = sum(
+            1
+            for index in range(self.active)
+            if isinstance(job := getattr(queue[index], "job", None), Job) and job.state == "queued"
+        )
+        return len(queue) - self.active + handed
 
     def remove(self, entry: _Entry) -> bool:
-        """Take a waiting (not active) entry out of the queue."""
-        if self.is_head(entry):
-            return False
-        try:
-            self.queue.remove(entry)
-        except ValueError:
-            return False
-        return True
+        """Take a waiting (not started) entry out of the queue."""
+        queue = self.queue
+        for index in range(self.active, len(queue)):
+            if queue[index] is entry:
+                del queue[index]
+                return True
+        return False
 
     def finish(self, entry: _Entry) -> None:
-        """The active entry is done: start the next one."""
-        if self.is_head(entry):
-            self.queue.popleft()
-            self.busy = False
-        elif not self.remove(entry):
-            return
+        """A started entry is done: start what may start next."""
+        queue = self.queue
+        if self.active and queue[0] is entry:
+            queue.popleft()
+        else:
+            for index in range(1, self.active):
+                if queue[index] is entry:  # a pipelined job cancelled before it ran
+                    del queue[index]
+                    break
+            else:
+                self.remove(entry)
+                return
+        self.active -= 1
         if not self.deleted:
             self._advance()
 
     def _advance(self) -> None:
         queue = self.queue
-        while queue and not self.busy:
-            entry = queue[0]
-            self.busy = True
+        while len(queue) > self.active:
+            entry = queue[self.active]
+            if self.active and not (entry.pipelined and queue[0].pipelined):
+                return
+            self.active += 1
             try:
                 started = entry.start()
             except Exception:  # a bug in an entry must not wedge the instance
                 logger.exception("could not start %r on instance %r", entry, self.name)
                 started = False
-            if not started and queue and queue[0] is entry:
-                queue.popleft()
-                self.busy = False
+            if not started:
+                self.active -= 1
+                if len(queue) > self.active and queue[self.active] is entry:
+                    del queue[self.active]
 
 
 class _Internal(_Entry):
     """A sync function run in the instance's thread for a server task."""
 
     __slots__ = ("done", "error", "fn", "instance", "job", "value")
+    pipelined = True
 
     def __init__(self, instance: _Instance, fn: Callable[[], Any]) -> None:
         self.instance = instance
@@ -223,7 +245,8 @@ class _Internal(_Entry):
         try:
             await self.done.wait()
         except BaseException:
-            self.instance.remove(self)  # never starts if still queued
+            if not self.instance.remove(self) and self.job is not None:
+                self.job.cancel()  # never starts if still queued in the worker
             raise
         if self.error is not None:
             raise self.error
@@ -289,7 +312,8 @@ class _Call:
 class _SyncCall(_Call, _Entry):
     """A sync method (or property read) run in the instance's thread."""
 
-    __slots__ = ("args", "fn", "instance", "kwargs", "method", "state")
+    __slots__ = ("args", "cancelled", "fn", "instance", "job", "kwargs", "method", "state")
+    pipelined = True
 
     def __init__(
         self,
@@ -308,6 +332,8 @@ class _SyncCall(_Call, _Entry):
         self.kwargs = kwargs
         self.method = method  # None: not a method call (no "execute" event)
         self.state = _QUEUED
+        self.job: Job | None = None
+        self.cancelled = False
 
     def __repr__(self) -> str:
         return f"<call {self.sid} {self.method or self.fn!r} {self.state}>"
@@ -318,7 +344,7 @@ class _SyncCall(_Call, _Entry):
             self.conn.forget(self)
             return False
         try:
-            self.instance.worker.submit(self._run, on_done=self._on_done)
+            self.job = self.instance.worker.submit(self._run, on_done=self._on_done)
         except ExecutorStateError as exc:
             self.state = _DONE
             self.conn.fail(self.sid, exc)
@@ -339,7 +365,10 @@ class _SyncCall(_Call, _Entry):
             try:
                 value = job.result()
             except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
-                conn.fail(self.sid, exc)
+                error = exc
+                if self.cancelled and job.state == "cancelled":
+                    error = CallCancelledError("the call was cancelled before it started")
+                conn.fail(self.sid, error)
             else:
                 conn.reply(self.sid, value)
                 if self.method is not None:
@@ -351,20 +380,22 @@ class _SyncCall(_Call, _Entry):
             self.instance.finish(self)
 
     def on_cancel(self) -> None:
-        # Queued: it never starts. Running: it finishes and its result is sent.
+        # Queued (here or in the worker): it never starts. Running: it finishes
+        # and its result is sent.
         if self.state == _QUEUED and self.instance.remove(self):
             self.state = _DONE
             self.conn.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
             self.conn.forget(self)
+        elif self.state == _RUNNING and self.job is not None and self.job.state == "queued":
+            self.cancelled = True
+            self.job.cancel()  # its on_done answers it, now
 
     def abandon(self) -> bool:
-        if self.state == _QUEUED and self.instance.remove(self):
-            self.state = _DONE
-            self.conn.forget(self)
+        self.on_cancel()  # nothing is sent: the connection is going away
         return False  # a running sync call is not waited for: its result is dropped
 
     def release(self) -> None:
-        self.abandon()
+        self.on_cancel()
 
 
 class _AsyncCall(_Call, _Entry):
@@ -921,9 +952,6 @@ class _Connection:
         return f"<connection {self.peer or id(self)}>"
 
     # -- sending (all no-ops once the connection is going away) --------------------
-    def wake_writer(self) -> None:
-        self._wakeup.set()
-
     def schedule_flush(self, stream: _Stream) -> None:
         self._flushes[stream] = None
         self._wakeup.set()
@@ -947,7 +975,6 @@ class _Connection:
         try:
             self.rpc.send_failure(sid, exc)
         except Exception:  # noqa: BLE001 - unprintable, or over the size cap
-            # An unprintable exception, or a message over the size cap.
             fallback = RemoteExecError(
                 f"{exception_type_name(exc)} (its message could not be sent)"
             )
@@ -1289,7 +1316,7 @@ class Dispatcher:
             "instances": len(self._instances),
             "instance_names": list(self._instances),
             "calls_in_flight": sum(conn.rpc.in_flight for conn in self._connections),
-            "queued": sum(max(len(i.queue) - i.busy, 0) for i in self._instances.values()),
+            "queued": sum(instance.waiting() for instance in self._instances.values()),
             "subscribers": self.events.has_subscribers,
         }
 

@@ -21,6 +21,8 @@ from remote_exec import apply_executor, apply_generator_executor
 
 # Thread events a sync method waits on, by key (set by the test).
 GATES: dict[str, threading.Event] = {}
+# Set by ``block`` once it runs, by key.
+STARTED: dict[str, threading.Event] = {}
 # Barriers two instances meet at, by key.
 BARRIERS: dict[str, threading.Barrier] = {}
 # Loop events async methods set or wait on, by key (same loop as the test).
@@ -35,6 +37,10 @@ _BLOCK_TIMEOUT = 30.0  # a failure bound, never a synchronisation
 
 def gate(key: str) -> threading.Event:
     return GATES.setdefault(key, threading.Event())
+
+
+def started(key: str) -> threading.Event:
+    return STARTED.setdefault(key, threading.Event())
 
 
 class Device:
@@ -82,6 +88,7 @@ class Device:
     @apply_executor
     def block(self, key: str) -> str:
         """Wait in the instance's thread until the test opens the gate ``key``."""
+        started(key).set()
         gate(key).wait(_BLOCK_TIMEOUT)
         self.log.append(f"unblocked {key}")
         return key

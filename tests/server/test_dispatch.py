@@ -13,6 +13,7 @@ from typing import Any
 
 import anyio
 import anyio.lowlevel
+import msgpack
 import pytest
 
 from remote_exec.exceptions import (
@@ -25,13 +26,14 @@ from remote_exec.exceptions import (
     UnknownInstanceError,
     remote_exception,
 )
+from remote_exec.framing import CODEC_MSGPACK, encode_frame
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.server.dispatch import Dispatcher
 from remote_exec.testing import MemoryFrameTransport, memory_transport_pair
 from tests import instruments
-from tests.instruments import CLOSED, PRODUCED, SIGNALS, gate
+from tests.instruments import CLOSED, PRODUCED, SIGNALS, gate, started
 
 pytestmark = pytest.mark.anyio
 
@@ -167,6 +169,7 @@ async def serving(**options: Any) -> AsyncIterator[Dispatcher]:
 @pytest.fixture(autouse=True)
 def _clean_instruments() -> None:
     instruments.GATES.clear()
+    instruments.STARTED.clear()
     instruments.BARRIERS.clear()
     instruments.SIGNALS.clear()
     CLOSED.clear()
@@ -175,6 +178,11 @@ def _clean_instruments() -> None:
 
 def queued(dispatcher: Dispatcher, count: int) -> bool:
     return bool(dispatcher.statistics()["queued"] == count)
+
+
+async def running(key: str) -> None:
+    """Until ``Device.block(key)`` runs in its thread."""
+    assert await anyio.to_thread.run_sync(started(key).wait, TIMEOUT)
 
 
 async def until(predicate: Callable[[], bool]) -> None:
@@ -414,6 +422,7 @@ async def test_order_holds_across_connections() -> None:
     async with serving() as dispatcher, connect(dispatcher) as one, connect(dispatcher) as two:
         await one.create("dev")
         blocker = await one.call("dev", "block", "go")
+        await running("go")
         sids = []
         for i in range(20):
             client = one if i % 2 else two
@@ -443,8 +452,10 @@ async def test_cancel_a_queued_call_it_never_starts() -> None:
     async with serving() as dispatcher, connect(dispatcher) as client:
         await client.create("dev")
         blocker = await client.call("dev", "block", "go")
-        queued = await client.call("dev", "record", "never")
+        queued = await client.call("dev", "record", "never")  # handed to the worker
+        behind = await client.call("dev", "record", "behind")
         queued_async = await client.call("dev", "async_record", "never either")
+        await running("go")
         await client.cancel(queued)
         await client.cancel(queued_async)
         for sid in (queued, queued_async):
@@ -453,7 +464,8 @@ async def test_cancel_a_queued_call_it_never_starts() -> None:
             assert "cancelled" in message.message
         gate("go").set()
         assert await client.result(blocker) == "go"
-        assert await client.invoke("dev", "get_log") == ["unblocked go"]
+        assert await client.result(behind) == "behind"
+        assert await client.invoke("dev", "get_log") == ["unblocked go", "behind"]
 
 
 async def test_cancel_a_running_async_call_runs_its_finally() -> None:
@@ -478,6 +490,7 @@ async def test_cancel_a_running_sync_call_still_answers() -> None:
         await client.create("dev")
         sid = await client.call("dev", "block", "go")
         after = await client.call("dev", "record", "after")
+        await running("go")
         await client.cancel(sid)
         gate("go").set()
         # The sync method finished; its result frees the id, and the queue goes on.
@@ -597,7 +610,7 @@ async def test_connection_loss_cancels_calls_and_closes_generators() -> None:
         await keeper.create("other")
         client_end, server_end = memory_transport_pair()
         client = Client(client_end)
-        started = SIGNALS["lost.started"] = anyio.Event()
+        async_started = SIGNALS["lost.started"] = anyio.Event()
         async with anyio.create_task_group() as tg:
             tg.start_soon(client.read_loop)
             served = anyio.Event()
@@ -614,8 +627,9 @@ async def test_connection_loss_cancels_calls_and_closes_generators() -> None:
             await client.items(async_stream, 2)
             blocker = await client.call("dev", "block", "go")
             await client.call("dev", "record", "queued, never runs")
+            await running("go")
             with anyio.fail_after(TIMEOUT):
-                await started.wait()
+                await async_started.wait()
             await client_end.aclose()  # the client vanishes
             await anyio.wait_all_tasks_blocked()  # the server noticed
             gate("go").set()
@@ -741,10 +755,6 @@ async def test_malformed_frame_closes_only_that_connection(frame: bytes) -> None
 
 
 async def test_invalid_message_envelope_closes_the_connection() -> None:
-    import msgpack
-
-    from remote_exec.framing import CODEC_MSGPACK, encode_frame
-
     async with serving() as dispatcher, connect(dispatcher) as good, connect(dispatcher) as bad:
         body = msgpack.packb([1, 1, "dev"])  # a Call with missing fields
         await bad.transport.send_frame(encode_frame(CODEC_MSGPACK, body, []))
