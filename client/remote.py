@@ -33,6 +33,7 @@ from remote_exec.executor import (
     remote_method,
     resolve_callback,
 )
+from remote_exec.framing import pack_frames
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
@@ -193,7 +194,7 @@ class RemoteExecutor(Executor):
         )
         self._waiters: dict[int, _Pending | _Stream] = {}
         self._transport: FrameTransport | None = None
-        self._send_lock = anyio.Lock()
+        self._flushing = False
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._lost: BaseException | None = None
@@ -291,12 +292,23 @@ class RemoteExecutor(Executor):
             raise ConnectionLostError(str(self._lost)) from self._lost
 
     async def _flush(self) -> None:
-        """Write every queued frame; whoever holds the lock sends for everyone."""
+        """Write every queued frame.
+
+        One task writes at a time and drains the queue for everyone: a caller
+        that finds a writer at work leaves its frame to it (no lock, so no
+        extra trip through the event loop on the hot path). A reply can only
+        come after the frame went out, and a failed write fails every waiter.
+        """
+        if self._flushing:
+            return
         assert self._transport is not None
-        async with self._send_lock:
+        self._flushing = True
+        try:
             while frames := self._connection.data_to_send():
-                for frame in frames:
-                    await self._transport.send_frame(frame)
+                for message in pack_frames(frames, self.limits.max_message_size):
+                    await self._transport.send_frame(message)
+        finally:
+            self._flushing = False
 
     async def _flush_quietly(self) -> None:
         try:

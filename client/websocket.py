@@ -75,7 +75,7 @@ class WebSocketTransport:
         self._stream = stream
         self._protocol = protocol
         self._write_timeout = write_timeout
-        self._send_lock = anyio.Lock()
+        self._send_lock = anyio.Lock(fast_acquire=True)
         self._messages: deque[bytes | bytearray | memoryview] = deque()
         self._fragments: list[bytes | bytearray | memoryview] | None = None
         self._error: str | None = None  # why the connection is gone, once it is
@@ -135,8 +135,14 @@ class WebSocketTransport:
         if self._stream_closed:
             raise self._lost_error()
         try:
-            with anyio.fail_after(self._write_timeout):
+            if len(data) < _COALESCE:
+                # Small writes fit the socket buffers; a peer that stops reading
+                # altogether is caught by the keepalive, which aborts the stream.
+                # (A timeout scope per call would cost more than the write.)
                 await self._stream.send(data)
+            else:
+                with anyio.fail_after(self._write_timeout):
+                    await self._stream.send(data)
         except TimeoutError:
             await self._abort(
                 f"the server accepted no data for {self._write_timeout} s (it is gone or stuck)"

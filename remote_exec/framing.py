@@ -52,6 +52,7 @@ __all__ = [
     "decode_header",
     "encode_frame",
     "frame_size",
+    "pack_frames",
 ]
 
 MAGIC = b"RXEC"
@@ -195,3 +196,26 @@ def encode_frame(
     pieces: list[bytes | memoryview] = [head + body]
     pieces.extend(buffers)
     return pieces
+
+
+def pack_frames(
+    frames: Sequence[Sequence[bytes | memoryview]], max_size: int = DEFAULT_MAX_FRAME_SIZE
+) -> list[list[bytes | memoryview]]:
+    """Group whole frames into transport messages of at most ``max_size`` bytes.
+
+    Frames are self-delimiting, so a receiver splits a message back into them
+    (``RpcConnection.receive_frame``). A frame is never split across messages.
+    """
+    messages: list[list[bytes | memoryview]] = []
+    current: list[bytes | memoryview] = []
+    size = 0
+    for frame in frames:
+        length = sum(len(piece) for piece in frame)
+        if current and size + length > max_size:
+            messages.append(current)
+            current, size = [], 0
+        current.extend(frame)
+        size += length
+    if current:
+        messages.append(current)
+    return messages

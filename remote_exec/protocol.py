@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import traceback as traceback_module
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import Enum
 from typing import Any
 
 from .codecs import DEFAULT_MAX_DEPTH, Codec, codec_for, codec_named
 from .exceptions import (
     CodecError,
+    FrameError,
     ProtocolError,
     RemoteExecError,
     TooManyCallsError,
@@ -75,13 +76,45 @@ class Side(Enum):
 
 @dataclass(frozen=True, slots=True)
 class Limits:
-    """Caps shared by both ends of a connection (the daemon's are CLI flags)."""
+    """Caps of one connection; every one is finite (the daemon's are CLI flags).
+
+    The wire caps (size, buffers, depth) should be the same on both ends: a
+    side refuses to send what it would refuse to receive. ``docs/security.md``
+    lists every default; a test keeps that page and these values equal.
+
+    Attributes:
+        max_message_size: largest frame in bytes, header and buffers included;
+            a frame over it is refused from its header (``--max-message-size``).
+        max_buffers: out-of-band buffers in one frame (``--max-buffers``).
+        max_depth: nesting depth of a decoded value (``--max-depth``).
+        max_calls: calls and streams in flight on one connection; past it a
+            call is answered at once with ``TooManyCallsError`` (``--max-calls``).
+        max_credit: stream items the server may produce ahead of the consumer,
+            per stream: the most credit a client may grant (``--max-queued-items``).
+        max_instances: server side: instances one connection may have created
+            and not yet deleted (``--max-instances``).
+        max_server_instances: server side: instances held at once, whoever
+            created them (``--max-server-instances``).
+        max_queued_events: server side: events an event-channel subscriber may
+            fall behind before it is dropped (``--max-queued-events``).
+    """
 
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE
     max_buffers: int = DEFAULT_MAX_BUFFERS
     max_depth: int = DEFAULT_MAX_DEPTH
     max_calls: int = 256
     max_credit: int = 1024
+    max_instances: int = 64
+    max_server_instances: int = 1024
+    max_queued_events: int = 1024
+
+    def __post_init__(self) -> None:
+        for field in fields(self):
+            name, value = field.name, getattr(self, field.name)
+            if type(value) is not int or value < 1:
+                raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")
+        if self.max_buffers > 0xFFFF:  # the frame header's buffer count is a u16
+            raise ValueError("Limits.max_buffers cannot exceed 65535")
 
 
 class RpcConnection:
@@ -166,11 +199,38 @@ class RpcConnection:
         ).frame_length
 
     def receive_frame(self, data: bytes | bytearray | memoryview) -> None:
-        """Feed one whole frame (one websocket message).
+        """Feed one transport message: one or more whole frames back to back.
+
+        Senders may pack the frames they have queued together into one
+        websocket message (see ``pack_frames``): fewer messages and syscalls
+        when many calls are in flight. Frames are sliced, never copied.
 
         Raises:
-            FrameError, ProtocolError: the frame or its envelope is invalid.
+            FrameError, ProtocolError: a frame or its envelope is invalid (the
+                frames before it have been received).
         """
+        limits = self.limits
+        header = decode_header(
+            data, max_size=limits.max_message_size, max_buffers=limits.max_buffers
+        )
+        if header.frame_length == len(data):
+            self._receive_one(data)
+            return
+        view = memoryview(data).cast("B")
+        offset, end = 0, len(view)
+        while offset < end:
+            header = decode_header(
+                view[offset:], max_size=limits.max_message_size, max_buffers=limits.max_buffers
+            )
+            size = header.frame_length
+            if offset + size > end:
+                raise FrameError(
+                    f"truncated frame: header says {size} bytes, {end - offset} left in the message"
+                )
+            self._receive_one(view[offset : offset + size])
+            offset += size
+
+    def _receive_one(self, data: bytes | bytearray | memoryview) -> None:
         if self.closed:
             raise ProtocolError("received a frame after the connection closed")
         frame = decode_frame(

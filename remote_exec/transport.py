@@ -61,6 +61,12 @@ class StreamTransport:
         self._pending = bytearray()
 
     async def send_frame(self, pieces: Sequence[bytes | memoryview]) -> None:
+        # A frame cut short by a cancellation would corrupt every frame after
+        # it: once started, a frame is finished (a dead peer still ends it).
+        with anyio.CancelScope(shield=True):
+            await self._send_pieces(pieces)
+
+    async def _send_pieces(self, pieces: Sequence[bytes | memoryview]) -> None:
         # anyio's byte streams accept any buffer at run time; only the stubs say bytes.
         send = self.stream.send
         try:

@@ -20,6 +20,7 @@ from remote_exec.framing import (
     decode_header,
     encode_frame,
     frame_size,
+    pack_frames,
 )
 from remote_exec.protocol import Limits, RpcConnection, Side
 
@@ -133,7 +134,9 @@ def test_bad_frames(case: str, data: bytes, match: str) -> None:
     with pytest.raises(FrameError, match=match):
         decode_frame(data)
     for side in Side:
-        with pytest.raises(FrameError):
+        # A transport message may hold several frames back to back, so the
+        # connection may first decode a frame and then fail on what follows.
+        with pytest.raises(ProtocolError):
             RpcConnection(side).receive_frame(data)
 
 
@@ -282,3 +285,33 @@ def test_mutated_frames_decode_or_raise_protocol_errors(data: bytes) -> None:
 def test_concatenated_and_cut_streams(cut: int, frames: list[bytes]) -> None:
     data = b"".join(frames)
     feed_everywhere(data[:cut] + data[cut + 1 :])
+
+
+def test_one_message_carries_several_frames() -> None:
+    client, server = RpcConnection(Side.CLIENT), RpcConnection(Side.SERVER)
+    ids = [client.send_call("dev", "echo", [i, b"x" * i]) for i in range(5)]
+    frames = client.data_to_send()
+    messages = pack_frames(frames, max_size=10**6)
+    assert len(messages) == 1
+    server.receive_frame(b"".join(messages[0]))
+    calls = server.events_received()
+    assert [c.stream_id for c in calls] == ids
+    assert [c.args for c in calls] == [[i, b"x" * i] for i in range(5)]
+
+
+def test_pack_frames_respects_the_size_cap() -> None:
+    frames = [[build(b"a" * 100, [])], [build(b"b" * 100, [])], [build(b"c" * 100, [])]]
+    size = len(frames[0][0])
+    messages = pack_frames(frames, max_size=2 * size)
+    assert [len(m) for m in messages] == [2, 1]
+    assert pack_frames(frames, max_size=size - 1) == [[f[0]] for f in frames]  # never split
+
+
+def test_a_truncated_second_frame_is_refused() -> None:
+    client, server = RpcConnection(Side.CLIENT), RpcConnection(Side.SERVER)
+    client.send_call("dev", "echo", [1])
+    client.send_call("dev", "echo", [2])
+    data = b"".join(b"".join(f) for f in client.data_to_send())
+    with pytest.raises(FrameError, match="truncated"):
+        server.receive_frame(data[:-1])
+    assert [c.args for c in server.events_received()] == [[1]]
