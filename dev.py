@@ -61,7 +61,7 @@ def test(args: list[str]) -> int:
         (PYTHON, "-m", "ruff", "format", "--check", "."),
         (PYTHON, "-m", "mypy"),
         (PYTHON, "-m", "pytest", *args),
-        (PYTHON, "benchmarks/run.py", "--smoke"),
+        (PYTHON, "benchmarks/run.py", "--smoke", "--python", PYTHON),
     ]
     for step in steps:
         code = run(*step, check=False)

@@ -95,7 +95,7 @@ def executor_kind(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-def make_executor(executor_kind: str, anyio_backend: str, daemons: dict[str, Daemon]):  # type: ignore[no-untyped-def]
+def make_executor(executor_kind: str, anyio_backend: str, daemons: dict[str, Daemon]):
     """A factory of not-yet-started executors of the kind under test."""
 
     def make(**options: object) -> Executor:
@@ -111,7 +111,7 @@ def make_executor(executor_kind: str, anyio_backend: str, daemons: dict[str, Dae
 
 
 @pytest.fixture
-async def executor(make_executor) -> AsyncIterator[Executor]:  # type: ignore[no-untyped-def]
+async def executor(make_executor) -> AsyncIterator[Executor]:
     async with make_executor() as started:
         yield started
 
