@@ -103,7 +103,9 @@ class ThreadExecutor(Executor):
     """Runs each held instance's decorated methods in a dedicated worker thread.
 
     Args:
-        window: how many items a generator may produce ahead of its consumer.
+        window: how many items a generator may produce ahead of its consumer
+            (the same default as the remote executors; lower it when items are
+            large, e.g. camera frames, to bound memory in bytes).
         registry: the registry to hold instances in (a new one by default).
         init_context: enter ``ExecutorContext(self)`` while used as
             ``async with``.
@@ -114,7 +116,7 @@ class ThreadExecutor(Executor):
     def __init__(
         self,
         *,
-        window: int = 8,
+        window: int = 64,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
     ) -> None:
