@@ -26,7 +26,7 @@ import anyio
 import sniffio
 from anyio.abc import Process, SocketStream
 
-from remote_exec.protocol import Limits
+from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
 from remote_exec.transport import FrameTransport, StreamTransport
 
@@ -69,7 +69,7 @@ class ProcessExecutor(RemoteExecutor):
         backend: str | None = None,
         codec: str = "msgpack",
         limits: Limits | None = None,
-        window: int = 64,
+        window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
         stop_timeout: float = 5.0,

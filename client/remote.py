@@ -35,7 +35,7 @@ from remote_exec.executor import (
 )
 from remote_exec.framing import pack_frames
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
-from remote_exec.protocol import Limits, RpcConnection, Side
+from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
 from remote_exec.transport import FrameTransport
 
@@ -180,7 +180,7 @@ class RemoteExecutor(Executor):
         *,
         codec: str = "msgpack",
         limits: Limits | None = None,
-        window: int = 64,
+        window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
     ) -> None:

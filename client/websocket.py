@@ -31,7 +31,7 @@ from websockets.uri import WebSocketURI, parse_uri
 
 from remote_exec.auth import TOKEN_ENV, TokenRefusedError, client_token, default_token_path
 from remote_exec.exceptions import ConnectionLostError, RemoteExecConnectionError
-from remote_exec.protocol import Limits
+from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
 from remote_exec.transport import FrameTransport
 
@@ -514,7 +514,7 @@ class WebSocketExecutor(RemoteExecutor):
         ping_interval: float | None = 20.0,
         ping_timeout: float | None = 20.0,
         limits: Limits | None = None,
-        window: int = 64,
+        window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
     ) -> None:

@@ -64,9 +64,18 @@ from .messages import (
 )
 from .registry import InstanceRegistry
 
-__all__ = ["Limits", "RpcConnection", "Side"]
+__all__ = ["DEFAULT_WINDOW", "Limits", "RpcConnection", "Side"]
 
 FramePieces = list[bytes | memoryview]
+
+
+DEFAULT_WINDOW = 256
+"""Stream items a remote generator may run ahead of its consumer by default.
+
+Throughput is about ``window / 2`` items per round trip (credit comes back in
+halves), so remote executors want more than a thread does; lower it for large
+items (camera frames) to bound memory in bytes.
+"""
 
 
 class Side(Enum):
