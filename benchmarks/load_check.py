@@ -1,0 +1,1215 @@
+"""Load check: many clients against one ``remote-exec serve`` daemon, every result verified.
+
+::
+
+    python benchmarks/load_check.py [--clients N] [--calls M] [--backend asyncio|trio|both]
+                                    [--kill] [--seed S] [--json OUT] [--procs P] ...
+
+Not a timed benchmark (``run.py`` is): a correctness check under load that
+also reports throughput, latency and the daemon's memory. See the "Load check"
+section of ``benchmarks/README.md``.
+
+For each backend it starts a real daemon (``python -m remote_exec.server
+--port 0 --no-auth --allow-module 'benchmarks.*' --backend B``, cwd the
+repository root). N clients, each a ``WebSocketExecutor`` with its own
+connection and its own ``LoadDevice`` instance in the daemon, make M calls
+each, ``--in-flight`` at a time, drawn from a seeded mix: small echoes (sync
+and async), 1 MiB buffer echoes (SHA-256 checked both ways), generators of
+0..2*ITEMS items (sync and async; complete and in order) and sequence calls
+(sync and async, with a callback). Each call carries its number ``n`` in its
+client, taken right before the call is made (nothing awaits in between), and
+the instance logs ``n`` when the call starts. At the end a fresh connection
+reads every log back. The checks:
+
+* every call ended once on the client: a verified value or an explicit
+  exception (stuck for ``--call-timeout`` s is a failure);
+* each log holds each successful call exactly once, nothing twice, nothing
+  never called, the successes in call order; no two plain calls of one
+  instance overlapped; the seq callbacks ran once per success, in order;
+* without ``--kill``: no error at all, each log is exactly 0..M-1;
+* with ``--kill``: clients abort their own connection at random moments (a TCP
+  reset or a shut-down socket, never a close frame) and reconnect to their
+  instance; every error must be a connection error, successes + errors ==
+  total, and a failed call may have run (its reply was lost) but only once.
+  Failed calls that ran after a later call are counted, not failed;
+* the daemon: alive, lets go of every connection and call, no worker thread
+  left once the instances are deleted, no traceback logged, exit code 0 on
+  SIGTERM.
+
+Clients share this process and its event loop (``--procs P`` spreads them over
+P child processes; on 2 cores that only slows the daemon down). Exit code 1 if
+any check fails, 2 on bad usage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import math
+import os
+import platform
+import random
+import re
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+import anyio
+from anyio.abc import SocketAttribute, TaskGroup
+
+from remote_exec import WebSocketExecutor
+from remote_exec.exceptions import RemoteExecConnectionError
+
+ROOT = Path(__file__).resolve().parent.parent
+MIB = 1024 * 1024
+
+# kind: weight in the mix
+KINDS: dict[str, int] = {
+    "echo": 30,
+    "aecho": 10,
+    "seq": 20,
+    "aseq": 10,
+    "bytes": 10,
+    "stream": 10,
+    "astream": 10,
+}
+PROGRESS_EVERY = 2.0  # seconds between progress lines
+CONNECTION_ERRORS = ("ConnectionLostError", "RemoteExecConnectionError")
+
+
+def _device_class() -> type:
+    """``benchmarks.load_devices.LoadDevice``, importable under that name (the daemon's)."""
+    if str(ROOT) not in sys.path:
+        sys.path.insert(0, str(ROOT))
+    from benchmarks.load_devices import LoadDevice
+
+    return LoadDevice
+
+
+# -- the plan: what each client calls, the same for a given seed -------------------------
+
+
+def _echo_value(rng: random.Random, client: int, n: int) -> Any:
+    shape = rng.randrange(5)
+    if shape == 0:
+        return n * 1_000_003 + client
+    if shape == 1:
+        return f"c{client}-n{n}-" + "é" * rng.randrange(20)
+    if shape == 2:
+        return (client, n, rng.random(), None, True)  # a tuple must stay a tuple
+    if shape == 3:
+        return {"client": client, "n": n, "items": [n, (n, -n), {"deep": [1.5, "x"]}]}
+    return b"%d:%d:" % (client, n) + rng.randbytes(rng.randrange(64))  # a small buffer
+
+
+def make_plan(seed: int, client: int, calls: int, items: int) -> list[tuple[str, Any]]:
+    rng = random.Random(f"{seed}:plan:{client}")
+    kinds, weights = list(KINDS), list(KINDS.values())
+    plan: list[tuple[str, Any]] = []
+    for n in range(calls):
+        kind = rng.choices(kinds, weights)[0]
+        param: Any = None
+        if kind in ("echo", "aecho"):
+            param = _echo_value(rng, client, n)
+        elif kind in ("stream", "astream"):
+            param = rng.randint(0, 2 * items)
+        elif kind == "bytes":
+            param = rng.randrange(MIB)  # offset into the shared random pool
+        plan.append((kind, param))
+    return plan
+
+
+# -- clients ------------------------------------------------------------------------------
+
+
+class _Mismatch(Exception):
+    """A call returned, but not what it should have."""
+
+
+@dataclass
+class Settings:
+    url: str
+    backend: str
+    calls: int
+    seed: int
+    items: int
+    in_flight: int
+    kill_rate: float
+    call_timeout: float
+    deadline: float
+    bytes_size: int = MIB
+
+
+@dataclass
+class _Session:
+    executor: WebSocketExecutor
+    number: int
+    dead: bool = False
+    in_flight: int = 0
+
+
+@dataclass
+class Progress:
+    done: int = 0
+    errors: int = 0
+
+
+class Client:
+    """One connection at a time (a new one after each kill), one instance, M calls."""
+
+    def __init__(self, cid: int, settings: Settings, pool: bytes, progress: Progress) -> None:
+        self.cid = cid
+        self.settings = settings
+        self.pool = pool
+        self.progress = progress
+        self.name = f"load-{cid}"
+        self.plan = make_plan(settings.seed, cid, settings.calls, settings.items)
+        self.dev = _device_class()(cid)
+        self.next = 0
+        self.outcome: list[str | None] = [None] * settings.calls
+        self.latency: list[float] = [0.0] * settings.calls
+        self.ended: list[float] = [0.0] * settings.calls  # time.time() when the call ended
+        self.connection: list[int] = [0] * settings.calls  # which session made it
+        self.sessions = 0
+        self.kills: list[str] = []
+        self.killed: dict[int, str] = {}  # session number: how its connection was killed
+        self.setup_errors: list[str] = []
+        self.kill_rng = random.Random(f"{settings.seed}:kill:{cid}")
+
+    async def run(self) -> None:
+        while self.next < self.settings.calls:
+            try:
+                await self._session()
+            except Exception as exc:  # noqa: BLE001 - reported, then retried
+                self.setup_errors.append(f"{type(exc).__name__}: {exc}")
+                if len(self.setup_errors) > 20:
+                    return  # the rest stays unattempted: a failed check
+                await anyio.sleep(0.05)
+
+    async def _session(self) -> None:
+        async with WebSocketExecutor(self.settings.url) as executor:
+            await executor.ensure_remote_instance(self.dev, self.name, self.cid)
+            self.sessions += 1
+            session = _Session(executor, self.sessions)
+            async with anyio.create_task_group() as tg:
+                for _ in range(self.settings.in_flight):
+                    tg.start_soon(self._worker, session, tg)
+
+    async def _worker(self, session: _Session, tg: TaskGroup) -> None:
+        settings = self.settings
+        while not session.dead and self.next < settings.calls:
+            # From taking ``n`` to sending the call nothing awaits: the order of
+            # the ``n`` is the order in which the calls are made.
+            n = self.next
+            self.next += 1
+            kind, param = self.plan[n]
+            if settings.kill_rate and self.kill_rng.random() < settings.kill_rate:
+                tg.start_soon(self._kill_later, session, self.kill_rng.uniform(0.0, 0.02))
+            outcome = "hang"
+            self.connection[n] = session.number
+            session.in_flight += 1
+            start = time.perf_counter()
+            with anyio.move_on_after(settings.call_timeout):
+                try:
+                    await self._call(kind, n, param)
+                    outcome = "ok"
+                except _Mismatch as exc:
+                    outcome = f"bad:{exc}"
+                except RemoteExecConnectionError as exc:
+                    outcome = f"error:{type(exc).__name__}"
+                    session.dead = True
+                except Exception as exc:  # noqa: BLE001 - an explicit error, counted by type
+                    outcome = f"error:{type(exc).__name__}"
+            session.in_flight -= 1
+            self.latency[n] = time.perf_counter() - start
+            self.ended[n] = time.time()
+            self.outcome[n] = outcome
+            self.progress.done += 1
+            if outcome != "ok":
+                self.progress.errors += 1
+
+    async def _kill_later(self, session: _Session, delay: float) -> None:
+        await anyio.sleep(delay)
+        if session.dead or not session.in_flight:
+            return
+        how = self.kill_rng.choice(("rst", "shutdown"))
+        session.dead = True  # no new calls on this connection
+        self.kills.append(how)
+        self.killed[session.number] = how
+        await abort_connection(session.executor, how)
+
+    def _big(self, n: int, offset: int) -> bytes:
+        size = self.settings.bytes_size
+        return struct.pack("<II", self.cid, n) + self.pool[offset : offset + size - 8]
+
+    async def _call(self, kind: str, n: int, param: Any) -> None:
+        dev: Any = self.dev
+        if kind in ("echo", "aecho"):
+            got = await (dev.echo(n, param) if kind == "echo" else dev.aecho(n, param))
+            if got != param or type(got) is not type(param):
+                raise _Mismatch(f"{kind}: sent {param!r}, got {got!r}")
+        elif kind in ("seq", "aseq"):
+            got = await (dev.seq(n) if kind == "seq" else dev.aseq(n))
+            if not isinstance(got, tuple) or len(got) != 2 or got[1] != n:
+                raise _Mismatch(f"{kind}({n}) returned {got!r}")
+            if not self.settings.kill_rate and got[0] != n + 1:
+                raise _Mismatch(f"{kind}({n}): the log holds {got[0]} entries, not {n + 1}")
+        elif kind == "bytes":
+            data = self._big(n, param)
+            digest = hashlib.sha256(data).hexdigest()
+            got = await dev.echo_bytes(n, data)
+            if not isinstance(got, tuple) or len(got) != 2:
+                raise _Mismatch(f"echo_bytes({n}) returned a {type(got).__name__}")
+            if got[0] != digest:
+                raise _Mismatch(f"echo_bytes({n}): the daemon received other bytes")
+            if len(got[1]) != len(data) or hashlib.sha256(got[1]).hexdigest() != digest:
+                raise _Mismatch(f"echo_bytes({n}): other bytes came back ({len(got[1])} bytes)")
+        else:
+            stream = dev.stream(n, param) if kind == "stream" else dev.astream(n, param)
+            async with stream as items:
+                got = [item async for item in items]
+            expected = [(n, i) for i in range(param)]
+            try:
+                repeated = len(got) - len(set(got))
+            except TypeError:  # unhashable items: wrong anyway, the next test says how
+                repeated = 0
+            if repeated:
+                raise _Mismatch(f"duplicate items: {kind}({n}, {param}) repeated {repeated}")
+            if got != expected:
+                raise _Mismatch(f"{kind}({n}, {param}): {_stream_diff(got, expected)}")
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "client": self.cid,
+            "outcome": self.outcome,
+            "latency": self.latency,
+            "sessions": self.sessions,
+            "kills": self.kills,
+            "killed": self.killed,
+            "ended": self.ended,
+            "connection": self.connection,
+            "setup_errors": self.setup_errors,
+            "seen": list(self.dev.seen),
+        }
+
+
+def _stream_diff(got: list[Any], expected: list[Any]) -> str:
+    if len(got) != len(expected):
+        return f"{len(got)} items, expected {len(expected)}"
+    index = next(i for i, (a, b) in enumerate(zip(got, expected, strict=True)) if a != b)
+    return f"item {index} is {got[index]!r}, expected {expected[index]!r}"
+
+
+async def abort_connection(executor: WebSocketExecutor, how: str) -> None:
+    """Drop ``executor``'s connection without a close frame.
+
+    "rst": SO_LINGER 0 then close (the daemon sees a TCP reset, as if the
+    client process had died); "shutdown": shut the socket down both ways (the
+    daemon sees a bare FIN mid-conversation, the client's reader sees EOF).
+    Uses the executor's transport (``_websocket``, the one semi-public way in).
+    """
+    websocket = executor._websocket
+    if websocket is None:
+        return
+    raw: socket.socket = websocket._stream.extra(SocketAttribute.raw_socket)
+    try:
+        if how == "rst":
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            await websocket._abort("aborted by the load check (TCP reset)")
+        else:
+            raw.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass  # already gone
+
+
+async def run_clients(
+    settings: Settings, client_ids: Iterable[int], report: Callable[[Progress], None] | None
+) -> dict[str, Any]:
+    """Run the clients to the end; their outcomes, JSON-ready."""
+    pool = random.Random(f"{settings.seed}:pool").randbytes(2 * MIB)
+    progress = Progress()
+    clients = [Client(cid, settings, pool, progress) for cid in client_ids]
+    cpu = time.process_time()
+    start = time.perf_counter()
+    # The deadline stops clients stuck outside a call (connecting, closing):
+    # their remaining calls stay unattempted, which fails the check.
+    with anyio.move_on_after(settings.deadline) as deadline:
+        async with anyio.create_task_group() as tg:
+            if report is not None:
+                tg.start_soon(_report_loop, progress, report)
+            async with anyio.create_task_group() as inner:
+                for client in clients:
+                    inner.start_soon(client.run)
+            tg.cancel_scope.cancel()
+    return {
+        "timed_out": deadline.cancelled_caught,
+        "elapsed": time.perf_counter() - start,
+        "cpu": time.process_time() - cpu,
+        "clients": [client.result() for client in clients],
+    }
+
+
+async def _report_loop(progress: Progress, report: Callable[[Progress], None]) -> None:
+    while True:
+        await anyio.sleep(PROGRESS_EVERY)
+        report(progress)
+
+
+async def read_back(url: str, client_ids: Iterable[int]) -> dict[int, dict[str, Any]]:
+    """Every client's instance state, read over a fresh connection; then deleted."""
+    device = _device_class()
+    states: dict[int, dict[str, Any]] = {}
+    async with WebSocketExecutor(url) as executor:
+        for cid in client_ids:
+            dev: Any = device(cid)
+            created = await executor.ensure_remote_instance(dev, f"load-{cid}", cid)
+            state = await dev.state()
+            state["missing"] = created  # it should have been there already
+            states[cid] = state
+            await executor.delete_remote_instance(dev)
+    return states
+
+
+# -- the daemon ---------------------------------------------------------------------------
+
+
+class Daemon:
+    """``python -m remote_exec.server`` on a free port, with its memory sampled."""
+
+    def __init__(self, backend: str, max_connections: int, extra: Iterable[str] = ()) -> None:
+        self.args = [
+            sys.executable,
+            "-m",
+            "remote_exec.server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--no-auth",
+            "--allow-module",
+            "benchmarks.*",
+            "--backend",
+            backend,
+            "--max-connections",
+            str(max_connections),
+            "--log-level",
+            "WARNING",
+            *extra,
+        ]
+        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.url = ""
+        self.samples: list[tuple[float, int]] = []  # (seconds since start, VmRSS bytes)
+        self._stop_sampling = threading.Event()
+        self._sampler: threading.Thread | None = None
+        self._t0 = 0.0
+        self.died_at: float | None = None  # seconds after start, if it died on its own
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 30.0) -> str:
+        self.proc = subprocess.Popen(
+            self.args,
+            cwd=ROOT,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+        )
+        line = _readline(self.proc, timeout)
+        match = re.search(r"serving on (wss?://\S+)", line)
+        if match is None:
+            self.kill()
+            raise RuntimeError(f"the daemon did not start: {line!r}\n{self.log()}")
+        self.url = match.group(1)
+        self._t0 = time.perf_counter()
+        self._sampler = threading.Thread(target=self._sample, daemon=True)
+        self._sampler.start()
+        return self.url
+
+    def _sample(self) -> None:
+        while not self._stop_sampling.wait(0.2):
+            rss = self.status("VmRSS")
+            if rss is None or not self.alive():
+                self.died_at = time.perf_counter() - self._t0
+                return
+            self.samples.append((time.perf_counter() - self._t0, rss))
+
+    def status(self, key: str) -> int | None:
+        """A ``/proc/<pid>/status`` field (memory in bytes); None once it is gone."""
+        try:
+            text = Path(f"/proc/{self.pid}/status").read_text()
+        except OSError:
+            return None
+        match = re.search(rf"^{key}:\s+(\d+)( kB)?$", text, re.MULTILINE)
+        if match is None:
+            return None
+        return int(match.group(1)) * (1024 if match.group(2) else 1)
+
+    def statistics(self) -> dict[str, Any] | None:
+        """The dispatcher's statistics, from ``GET /instances`` (None if it does not answer)."""
+        address = self.url.replace("ws://", "http://", 1) + "/instances"
+        try:
+            with urllib.request.urlopen(address, timeout=5) as response:
+                body: dict[str, Any] = json.load(response)
+        except (OSError, ValueError):
+            return None
+        statistics: dict[str, Any] = body.get("statistics", {})
+        return statistics
+
+    def wait_statistics(
+        self, done: Callable[[dict[str, Any]], bool], timeout: float = 10.0
+    ) -> dict[str, Any] | None:
+        """Poll ``/instances`` until ``done(statistics)`` or ``timeout``; the last answer."""
+        deadline = time.monotonic() + timeout
+        while True:
+            statistics = self.statistics()
+            if statistics is None or done(statistics) or time.monotonic() > deadline:
+                return statistics
+            time.sleep(0.1)
+
+    def wait_threads(self, target: int | None, timeout: float = 10.0) -> int | None:
+        """The daemon's thread count, once back to ``target`` or after ``timeout``."""
+        deadline = time.monotonic() + timeout
+        while True:
+            threads = self.status("Threads")
+            if threads is None or target is None or threads <= target:
+                return threads
+            if time.monotonic() > deadline:
+                return threads
+            time.sleep(0.1)
+
+    def cpu_seconds(self) -> float | None:
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        self._stderr.seek(0)
+        return self._stderr.read().decode(errors="replace")
+
+    def stop(self, timeout: float = 20.0) -> tuple[int | None, float]:
+        """SIGTERM; (exit code, seconds it took), code None if it had to be killed."""
+        self._stop_sampling.set()
+        if self._sampler is not None:
+            self._sampler.join()  # before the signal: its exit is not a death
+        assert self.proc is not None
+        start = time.perf_counter()
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+                return None, time.perf_counter() - start
+        return self.proc.returncode, time.perf_counter() - start
+
+    def kill(self) -> None:
+        self._stop_sampling.set()
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+
+    def close(self) -> None:
+        self.kill()
+        if self.proc is not None and self.proc.stdout is not None:
+            self.proc.stdout.close()
+        self._stderr.close()
+
+
+def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
+    """The first stdout line of ``proc``, or "" if it exits or ``timeout`` passes."""
+    out = proc.stdout
+    assert out is not None
+    result: list[bytes] = []
+    reader = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return result[0].decode(errors="replace").strip() if result else ""
+
+
+# -- one backend, start to end --------------------------------------------------------------
+
+
+def _mib(value: int | None) -> str:
+    return "n/a" if value is None else f"{value / MIB:.1f} MiB"
+
+
+class Printer:
+    def __init__(self, backend: str, mode: str) -> None:
+        self.prefix = f"[{backend}{' --kill' if mode == 'kill' else ''}]"
+
+    def __call__(self, text: str = "") -> None:
+        print(f"{self.prefix} {text}" if text else "", flush=True)
+
+
+def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
+    mode = "kill" if args.kill else "normal"
+    say = Printer(backend, mode)
+    total = args.clients * args.calls
+    daemon = Daemon(backend, max(64, args.clients + 8), args.daemon_arg)
+    try:
+        url = daemon.start()
+        rss_start = daemon.status("VmRSS")
+        threads_start = daemon.status("Threads")
+        say(f"daemon {url} (pid {daemon.pid}, RSS {_mib(rss_start)})")
+        say(
+            f"{args.clients} clients x {args.calls} calls, {args.in_flight} in flight per "
+            f"client, seed {args.seed}, procs {args.procs}, kill rate "
+            f"{args.kill_rate if args.kill else 0}"
+        )
+        settings = Settings(
+            url=url,
+            backend=backend,
+            calls=args.calls,
+            seed=args.seed,
+            items=args.items,
+            in_flight=args.in_flight,
+            kill_rate=args.kill_rate if args.kill else 0.0,
+            call_timeout=args.call_timeout,
+            deadline=args.deadline,
+        )
+        started = time.perf_counter()
+
+        def report(done: int, errors: int) -> None:
+            elapsed = time.perf_counter() - started
+            say(
+                f"{elapsed:6.1f} s  {done:6d}/{total} calls  {done / elapsed:7.0f} calls/s  "
+                f"errors {errors}  daemon RSS {_mib(daemon.samples[-1][1] if daemon.samples else None)}"
+            )
+
+        if args.procs <= 1:
+            load = anyio.run(
+                run_clients,
+                settings,
+                range(args.clients),
+                lambda p: report(p.done, p.errors),
+                backend=backend,
+            )
+        else:
+            load = _run_children(args, settings, report)
+        report_done = sum(1 for c in load["clients"] for o in c["outcome"] if o is not None)
+        say(f"load done in {load['elapsed']:.1f} s ({report_done} calls); reading the logs back")
+        rss_after = daemon.status("VmRSS")
+        daemon_cpu = daemon.cpu_seconds()
+        alive_after_load = daemon.alive()
+        threads_loaded = daemon.status("Threads")
+        # Every client has gone: the daemon should let go of every connection.
+        settled = daemon.wait_statistics(
+            lambda st: st["connections"] == 0 and not st["calls_in_flight"] and not st["queued"]
+        )
+        states: dict[int, dict[str, Any]] = {}
+        read_back_error = None
+        try:
+            states = anyio.run(read_back, url, range(args.clients), backend=backend)
+        except Exception as exc:  # noqa: BLE001 - reported as a failed check
+            read_back_error = f"{type(exc).__name__}: {exc}"
+        # ... and once the instances are deleted, of their worker threads.
+        emptied = daemon.wait_statistics(lambda st: st["instances"] == 0 and st["connections"] == 0)
+        threads_end = daemon.wait_threads(
+            None if threads_loaded is None else threads_loaded - args.clients
+        )
+        hwm = daemon.status("VmHWM")
+        rss_end = daemon.status("VmRSS")
+        exit_code, stop_seconds = daemon.stop()
+        log = daemon.log()
+        if args.daemon_log is not None:
+            path = args.daemon_log.with_name(f"{args.daemon_log.name}.{backend}.{mode}")
+            path.write_text(log)
+            say(f"daemon stderr written to {path}")
+        result = analyse(args, backend, mode, load, states)
+        result["checks"] += [
+            {"name": "load finished before --deadline", "ok": not load["timed_out"], "detail": ""},
+            {"name": "logs read back", "ok": read_back_error is None, "detail": read_back_error},
+        ]
+        result["daemon"] = {
+            "rss_start": rss_start,
+            "rss_peak_sampled": max((rss for _, rss in daemon.samples), default=None),
+            "rss_after_load": rss_after,
+            "vm_hwm": hwm,
+            "rss_end": rss_end,
+            "cpu_seconds": daemon_cpu,
+            "samples": [(round(t, 2), rss) for t, rss in daemon.samples],
+            "alive_after_load": alive_after_load,
+            "after_load": settled,
+            "after_delete": emptied,
+            "threads_start": threads_start,
+            "threads_after_load": threads_loaded,
+            "threads_end": threads_end,
+            "exit_code": exit_code,
+            "stop_seconds": stop_seconds,
+            "died_at": daemon.died_at,
+            "exceptions": _exceptions(log),
+            "log_tracebacks": log.count("Traceback"),
+            "log_errors": sum(1 for line in log.splitlines() if " ERROR " in line),
+            "log_warnings": sum(1 for line in log.splitlines() if " WARNING " in line),
+        }
+        add_daemon_checks(result)
+        print_report(say, result)
+        return result
+    finally:
+        daemon.close()
+
+
+def _run_children(
+    args: argparse.Namespace, settings: Settings, report: Callable[[int, int], None]
+) -> dict[str, Any]:
+    """The clients spread over ``--procs`` child processes (this script, ``--child``)."""
+    groups = [list(range(args.clients))[i :: args.procs] for i in range(args.procs)]
+    procs = []
+    for group in groups:
+        spec = {"settings": settings.__dict__, "clients": group}
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, __file__, "--child", json.dumps(spec)],
+                cwd=ROOT,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+            )
+        )
+    progress = [(0, 0)] * len(procs)
+    results: list[dict[str, Any] | None] = [None] * len(procs)
+
+    def pump(index: int, proc: subprocess.Popen[bytes]) -> None:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            message = json.loads(line)
+            if "progress" in message:
+                progress[index] = tuple(message["progress"])
+            elif "result" in message:
+                results[index] = message["result"]
+
+    threads = [threading.Thread(target=pump, args=(i, p), daemon=True) for i, p in enumerate(procs)]
+    for thread in threads:
+        thread.start()
+    start = time.perf_counter()
+    try:
+        while any(thread.is_alive() for thread in threads):
+            for thread in threads:
+                thread.join(PROGRESS_EVERY / len(threads))
+            report(sum(p[0] for p in progress), sum(p[1] for p in progress))
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+    if any(r is None for r in results):
+        raise RuntimeError("a client process died without a result")
+    merged: list[dict[str, Any]] = []
+    for r in results:
+        assert r is not None
+        merged.extend(r["clients"])
+    merged.sort(key=lambda c: c["client"])
+    return {
+        "timed_out": any(r["timed_out"] for r in results if r is not None),
+        "elapsed": time.perf_counter() - start,
+        "cpu": sum(r["cpu"] for r in results if r is not None),
+        "clients": merged,
+    }
+
+
+def child_main(spec_text: str) -> int:
+    spec = json.loads(spec_text)
+    settings = Settings(**spec["settings"])
+
+    def report(progress: Progress) -> None:
+        print(json.dumps({"progress": [progress.done, progress.errors]}), flush=True)
+
+    result = anyio.run(run_clients, settings, spec["clients"], report, backend=settings.backend)
+    print(json.dumps({"result": result}), flush=True)
+    return 0
+
+
+# -- analysis and report ------------------------------------------------------------------
+
+
+def _percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclass
+class _LogCheck:
+    entries: int = 0
+    duplicates: int = 0
+    unknown: int = 0
+    missing: int = 0  # successes not in the log
+    out_of_order: int = 0  # successes not in call order
+    failed_ran: int = 0  # failed calls that ran anyway (reply lost): allowed, once
+    failed_never_ran: int = 0
+    failed_ran_late: int = 0  # ... after a later call had started
+    overlaps: int = 0
+    missing_instances: int = 0
+    exact_mismatch: int = 0  # normal mode: logs that are not exactly 0..M-1
+    callback_mismatch: int = 0
+    examples: list[str] = field(default_factory=list)
+
+    def example(self, text: str) -> None:
+        if len(self.examples) < 10:
+            self.examples.append(text)
+
+
+def check_logs(
+    load: dict[str, Any], states: dict[int, dict[str, Any]], calls: int, mode: str
+) -> _LogCheck:
+    check = _LogCheck()
+    if not states:
+        check.missing_instances = len(load["clients"])
+        check.example("no instance could be read back")
+        return check
+    for client in load["clients"]:
+        cid = client["client"]
+        outcome = client["outcome"]
+        state = states.get(cid)
+        if state is None or state["missing"] or state["client"] != cid:
+            check.missing_instances += 1
+            check.example(f"client {cid}: its instance is gone or wrong: {state!r:.200}")
+            continue
+        log: list[int] = state["log"]
+        check.entries += len(log)
+        check.overlaps += state["overlaps"]
+        counts = Counter(log)
+        for n, count in counts.items():
+            if count > 1:
+                check.duplicates += count - 1
+                check.example(f"client {cid}: call {n} ran {count} times")
+            if not (isinstance(n, int) and 0 <= n < calls and outcome[n] is not None):
+                check.unknown += 1
+                check.example(f"client {cid}: the log holds {n!r}, never called")
+        ok = [n for n in range(calls) if outcome[n] == "ok"]
+        check.missing += sum(1 for n in ok if n not in counts)
+        for n in ok:
+            if n not in counts:
+                check.example(f"client {cid}: call {n} succeeded but never ran")
+        successes = [n for n in log if isinstance(n, int) and 0 <= n < calls and outcome[n] == "ok"]
+        for a, b in itertools.pairwise(successes):
+            if b <= a:
+                check.out_of_order += 1
+                check.example(f"client {cid}: call {b} ran after call {a}")
+        check.failed_never_ran += sum(
+            1 for n in range(calls) if outcome[n] not in ("ok", None) and n not in counts
+        )
+        highest = -1
+        for n, started in zip(log, state["times"], strict=True):
+            if not isinstance(n, int) or not 0 <= n < calls:
+                continue
+            if outcome[n] not in ("ok", None):
+                check.failed_ran += 1
+                if n < highest:
+                    check.failed_ran_late += 1
+                    kinds, conn = client["kinds"], client["connection"]
+                    # JSON turned the session numbers into strings
+                    how = client["killed"].get(conn[n], client["killed"].get(str(conn[n])))
+                    check.example(
+                        f"client {cid}: call {n} ({kinds[n]}, connection {conn[n]}, killed by "
+                        f"{how}) ran {1e3 * (started - client['ended'][n]):.0f} ms after its "
+                        f"caller got {outcome[n][6:]}, after call {highest} ({kinds[highest]}, "
+                        f"connection {conn[highest]}) had started"
+                    )
+            highest = max(highest, n)
+        if mode == "normal" and log != list(range(calls)):
+            check.exact_mismatch += 1
+            check.example(f"client {cid}: the log is not 0..{calls - 1}")
+        seq_ok = [n for n in ok if client["kinds"][n] in ("seq", "aseq")]
+        if client["seen"] != seq_ok:
+            check.callback_mismatch += 1
+            check.example(
+                f"client {cid}: seq callbacks saw {len(client['seen'])} results, "
+                f"expected {len(seq_ok)} in call order"
+            )
+    return check
+
+
+def analyse(
+    args: argparse.Namespace,
+    backend: str,
+    mode: str,
+    load: dict[str, Any],
+    states: dict[int, dict[str, Any]],
+) -> dict[str, Any]:
+    calls, total = args.calls, args.clients * args.calls
+    latencies: dict[str, list[float]] = {kind: [] for kind in KINDS}
+    counts: dict[str, Counter[str]] = {kind: Counter() for kind in KINDS}
+    errors: Counter[str] = Counter()
+    bad: list[str] = []
+    for client in load["clients"]:
+        plan = make_plan(args.seed, client["client"], calls, args.items)
+        client["kinds"] = [kind for kind, _ in plan]
+        for n, outcome in enumerate(client["outcome"]):
+            kind = plan[n][0]
+            if outcome is None:
+                counts[kind]["unattempted"] += 1
+            elif outcome == "ok":
+                counts[kind]["ok"] += 1
+                latencies[kind].append(client["latency"][n])
+            elif outcome.startswith("error:"):
+                counts[kind]["error"] += 1
+                errors[outcome[6:]] += 1
+            else:  # "bad:..." or "hang"
+                counts[kind]["bad"] += 1
+                bad.append(f"client {client['client']} call {n}: {outcome}")
+    successes = sum(c["ok"] for c in counts.values())
+    n_errors = sum(c["error"] for c in counts.values())
+    n_bad = sum(c["bad"] for c in counts.values())
+    attempted = successes + n_errors + n_bad
+    unexpected = {name: k for name, k in errors.items() if name not in CONNECTION_ERRORS}
+    repeated_items = sum(1 for text in bad if ": bad:duplicate" in text)
+    logs = check_logs(load, states, calls, mode)
+    elapsed = load["elapsed"]
+    kills = Counter(how for c in load["clients"] for how in c["kills"])
+    per_kind = {}
+    for kind in KINDS:
+        p50, p99 = _percentile(latencies[kind], 0.50), _percentile(latencies[kind], 0.99)
+        per_kind[kind] = {
+            "calls": sum(counts[kind].values()),
+            "ok": counts[kind]["ok"],
+            "errors": counts[kind]["error"],
+            "p50_ms": None if p50 is None else p50 * 1e3,
+            "p99_ms": None if p99 is None else p99 * 1e3,
+        }
+    everything = [x for values in latencies.values() for x in values]
+    checks: list[tuple[str, bool, str]] = [
+        ("every call attempted", attempted == total, f"{attempted}/{total}"),
+        (
+            "successes + explicit errors == total",
+            successes + n_errors == total,
+            f"{successes} + {n_errors} = {successes + n_errors}, total {total}",
+        ),
+        ("no wrong value, no stuck call", n_bad == 0, f"{n_bad}: {bad[:5]}"),
+        (
+            "zero duplicates",
+            logs.duplicates == 0 and repeated_items == 0,
+            f"{logs.duplicates} calls ran twice, {repeated_items} streams repeated items",
+        ),
+        ("nothing ran that was never called", logs.unknown == 0, str(logs.unknown)),
+        ("every success ran", logs.missing == 0, str(logs.missing)),
+        ("successes ran in call order", logs.out_of_order == 0, str(logs.out_of_order)),
+        ("plain calls never overlapped", logs.overlaps == 0, str(logs.overlaps)),
+        (
+            "callbacks once per success, in order",
+            logs.callback_mismatch == 0,
+            str(logs.callback_mismatch),
+        ),
+        ("every instance still there", logs.missing_instances == 0, str(logs.missing_instances)),
+    ]
+    if mode == "normal":
+        checks += [
+            ("no errors", n_errors == 0, str(dict(errors))),
+            ("each log is exactly 0..M-1", logs.exact_mismatch == 0, str(logs.exact_mismatch)),
+        ]
+    else:
+        checks += [
+            ("errors are connection errors", not unexpected, str(unexpected)),
+            ("connections were killed", sum(kills.values()) > 0, str(dict(kills))),
+        ]
+    setup_errors = [e for c in load["clients"] for e in c["setup_errors"]]
+    return {
+        "backend": backend,
+        "mode": mode,
+        "clients": args.clients,
+        "calls_per_client": calls,
+        "in_flight": args.in_flight,
+        "procs": args.procs,
+        "seed": args.seed,
+        "total": total,
+        "attempted": attempted,
+        "successes": successes,
+        "errors": n_errors,
+        "errors_by_type": dict(errors),
+        "bad": bad[:50],
+        "elapsed_s": elapsed,
+        "calls_per_s": successes / elapsed if elapsed else None,
+        "client_cpu_s": load["cpu"],
+        "latency": per_kind,
+        "latency_all": {
+            "p50_ms": (_percentile(everything, 0.5) or 0) * 1e3,
+            "p99_ms": (_percentile(everything, 0.99) or 0) * 1e3,
+        },
+        "sessions": sum(c["sessions"] for c in load["clients"]),
+        "kills": dict(kills),
+        "setup_errors": setup_errors[:20],
+        "duplicates": logs.duplicates + repeated_items,
+        "server_logs": dict(logs.__dict__),
+        "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks],
+    }
+
+
+def _settled(statistics: dict[str, Any] | None, *keys: str) -> bool:
+    return statistics is not None and not any(statistics.get(key) for key in keys)
+
+
+def add_daemon_checks(result: dict[str, Any]) -> None:
+    daemon = result["daemon"]
+    after_load, after_delete = daemon["after_load"], daemon["after_delete"]
+    short = ("connections", "calls_in_flight", "queued", "instances", "peers")
+    result["checks"] += [
+        {"name": "daemon alive after the load", "ok": daemon["alive_after_load"], "detail": ""},
+        {
+            "name": "daemon let go of every connection and call",
+            "ok": _settled(after_load, "connections", "calls_in_flight", "queued"),
+            "detail": str(after_load and {k: after_load.get(k) for k in short}),
+        },
+        {
+            # Each instance has its own worker thread. (The daemon may keep a few
+            # idle anyio worker threads from importing modules: not counted.)
+            "name": "deleted instances leave no instance or worker thread behind",
+            "ok": _settled(after_delete, "instances", "connections")
+            and None not in (daemon["threads_end"], daemon["threads_after_load"])
+            and daemon["threads_end"] <= daemon["threads_after_load"] - result["clients"],
+            "detail": f"threads: {daemon['threads_start']} at start, "
+            f"{daemon['threads_after_load']} after the load, {daemon['threads_end']} after "
+            f"deleting {result['clients']} instances; "
+            f"{after_delete and {k: after_delete.get(k) for k in short}}",
+        },
+        {
+            "name": "daemon logged no traceback",
+            "ok": daemon["log_tracebacks"] == 0,
+            "detail": f"{daemon['log_tracebacks']} tracebacks, {daemon['log_errors']} errors",
+        },
+        {
+            "name": "daemon exits 0 on SIGTERM",
+            "ok": daemon["exit_code"] == 0,
+            "detail": f"code {daemon['exit_code']} after {daemon['stop_seconds']:.1f} s",
+        },
+    ]
+    result["passed"] = all(check["ok"] for check in result["checks"])
+
+
+def _exceptions(log: str) -> list[str]:
+    """The distinct exceptions in the daemon's log, each with the last frames that raised it."""
+    found: list[str] = []
+    frames: list[str] = []
+    for raw in log.splitlines():
+        line = raw.strip().lstrip("|").strip()
+        frame = re.match(r'^File "(?:.*/)?([^/]+/[^/]+)", line (\d+), in (\S+)', line)
+        if frame:
+            frames.append(f"{frame[1]}:{frame[2]} {frame[3]}")
+        elif re.match(r"^[\w.]+(Error|Exception|Exit|Interrupt)\b.*:", line):
+            if "Group" not in line:
+                text = f"{line} (at {' > '.join(frames[-3:])})" if frames else line
+                if text not in found:
+                    found.append(text)
+            frames = []
+    return found[:10]
+
+
+def _ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f}"
+
+
+def print_report(say: Printer, r: dict[str, Any]) -> None:
+    say()
+    say(
+        f"{r['successes']} ok + {r['errors']} errors of {r['total']} calls in "
+        f"{r['elapsed_s']:.1f} s: {r['calls_per_s']:.0f} calls/s "
+        f"({r['sessions']} connections, client CPU {r['client_cpu_s']:.1f} s)"
+    )
+    say(f"{'kind':8} {'calls':>6} {'ok':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
+    for kind, row in r["latency"].items():
+        say(
+            f"{kind:8} {row['calls']:6d} {row['ok']:6d} {row['errors']:6d} "
+            f"{_ms(row['p50_ms']):>8} {_ms(row['p99_ms']):>8}"
+        )
+    say(
+        f"{'all':8} {r['total']:6d} {r['successes']:6d} {r['errors']:6d} "
+        f"{_ms(r['latency_all']['p50_ms']):>8} {_ms(r['latency_all']['p99_ms']):>8}"
+    )
+    if r["errors_by_type"]:
+        say(f"errors by type: {r['errors_by_type']}")
+    if r["kills"]:
+        say(f"connections killed: {r['kills']}")
+    logs = r["server_logs"]
+    say(
+        f"server logs: {logs['entries']} entries; duplicates {r['duplicates']} "
+        f"(calls that ran twice, repeated stream items), unknown {logs['unknown']}, "
+        f"successes missing {logs['missing']}, out of order {logs['out_of_order']}, "
+        f"overlapping calls {logs['overlaps']}"
+    )
+    if r["successes"] != r["total"]:
+        say(
+            f"failed calls: {logs['failed_never_ran']} never ran, {logs['failed_ran']} ran "
+            f"once (their reply was lost; {logs['failed_ran_late']} of them after a later call)"
+        )
+    for example in logs["examples"]:
+        say(f"  {example}")
+    d = r["daemon"]
+    say(
+        f"daemon memory: VmHWM (peak RSS) {_mib(d['vm_hwm'])}; VmRSS {_mib(d['rss_start'])} "
+        f"at start, {_mib(d['rss_peak_sampled'])} peak of {len(d['samples'])} samples, "
+        f"{_mib(d['rss_after_load'])} after the load, {_mib(d['rss_end'])} at the end"
+    )
+    cpu = "n/a" if d["cpu_seconds"] is None else f"{d['cpu_seconds']:.1f} s"
+    say(
+        f"daemon CPU {cpu}; threads {d['threads_start']} at start, "
+        f"{d['threads_after_load']} after the load, {d['threads_end']} once the instances "
+        f"were deleted; {d['log_warnings']} warnings logged"
+    )
+    if d["died_at"] is not None:
+        say(f"THE DAEMON DIED {d['died_at']:.1f} s after it started (exit code {d['exit_code']})")
+    for text in d["exceptions"]:
+        say(f"daemon exception: {text}")
+    failed = [c for c in r["checks"] if not c["ok"]]
+    if failed:
+        for check in failed:
+            say(f"FAILED: {check['name']} ({check['detail']})")
+    else:
+        say(f"all {len(r['checks'])} checks passed")
+    for error in r["setup_errors"][:5]:
+        say(f"  (re)connect error: {error}")
+
+
+# -- main ---------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        description="Load check: N clients x M verified calls against one remote-exec daemon."
+    )
+    parser.add_argument("--clients", type=int, default=16, help="clients (default %(default)s)")
+    parser.add_argument(
+        "--calls", type=int, default=2500, help="calls per client (default %(default)s)"
+    )
+    parser.add_argument(
+        "--backend",
+        choices=("asyncio", "trio", "both"),
+        default="both",
+        help="the daemon's and the clients' (default %(default)s)",
+    )
+    parser.add_argument("--kill", action="store_true", help="abort random client connections")
+    parser.add_argument("--seed", type=int, default=1, help="the call mix (default %(default)s)")
+    parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
+    parser.add_argument(
+        "--in-flight", type=int, default=4, help="calls in flight per client (default %(default)s)"
+    )
+    parser.add_argument(
+        "--items",
+        type=int,
+        default=100,
+        help="generators yield 0..2*ITEMS items (default %(default)s)",
+    )
+    parser.add_argument(
+        "--kill-rate",
+        type=float,
+        default=0.01,
+        help="with --kill: chance per call that the client aborts its connection 0-20 ms "
+        "later (default %(default)s)",
+    )
+    parser.add_argument(
+        "--procs",
+        type=int,
+        default=1,
+        help="client processes (default %(default)s: all in this one)",
+    )
+    parser.add_argument(
+        "--call-timeout",
+        type=float,
+        default=60.0,
+        help="a call stuck this long fails (default %(default)s)",
+    )
+    parser.add_argument(
+        "--deadline",
+        type=float,
+        default=600.0,
+        help="stop the load after this many seconds, failing the check (default %(default)s)",
+    )
+    parser.add_argument(
+        "--daemon-log",
+        type=Path,
+        metavar="PATH",
+        help="keep the daemon's stderr in PATH.<backend>.<mode>",
+    )
+    parser.add_argument(
+        "--daemon-arg",
+        action="append",
+        default=[],
+        metavar="ARG",
+        help="one more argument for the daemon, e.g. --daemon-arg=--ping-interval=0 (repeatable)",
+    )
+    parser.add_argument("--child", help=argparse.SUPPRESS)
+    return parser
+
+
+def _git_revision() -> str | None:
+    try:
+        run = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return run.stdout.strip() or None
+
+
+def machine() -> dict[str, Any]:
+    return {
+        "git": _git_revision(),
+        "nproc": os.cpu_count(),
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "loadavg": os.getloadavg(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.child:
+        return child_main(args.child)
+    for name in ("clients", "calls", "in_flight", "procs"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be at least 1")
+    if args.items < 0 or not 0 <= args.kill_rate <= 1:
+        parser.error("--items must be >= 0 and --kill-rate between 0 and 1")
+    args.procs = min(args.procs, args.clients)
+    backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
+    info = machine()
+    print(
+        f"load check: nproc {info['nproc']}, Python {info['python']}, "
+        f"load average {info['loadavg'][0]:.2f}, git {info['git']}",
+        flush=True,
+    )
+    results = []
+    for backend in backends:
+        try:
+            results.append(run_backend(args, backend))
+        except Exception as exc:  # noqa: BLE001 - the other backend still runs
+            print(f"[{backend}] FAILED to run: {type(exc).__name__}: {exc}", flush=True)
+            results.append({"backend": backend, "passed": False, "error": repr(exc)})
+        print(flush=True)
+    passed = all(r["passed"] for r in results)
+    summary = ", ".join(f"{r['backend']} {'ok' if r['passed'] else 'FAILED'}" for r in results)
+    print(f"load check {'passed' if passed else 'FAILED'}: {summary}", flush=True)
+    if args.json:
+        info["loadavg_after"] = os.getloadavg()
+        args.json.write_text(json.dumps({"machine": info, "results": results}, indent=1) + "\n")
+    return 0 if passed else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
