@@ -15,6 +15,15 @@
 ``RemoteExecApp.shutdown(grace)`` stops taking connections, gives in-flight
 calls ``grace`` seconds, then cancels what is left (callers get an error) and
 closes every websocket with code 1001.
+
+What hypercorn enforces for the app (see ``hypercorn_config``): a connection
+must finish its TLS and HTTP handshake within ``handshake_timeout``; one on
+which nothing at all arrives for ``idle_timeout`` (no message, no pong to the
+pings sent every ``ping_interval``) is dropped, which is how a client that
+vanished without a close frame is found; a websocket message is never buffered
+past ``max_message_size`` and permessage-deflate is always declined, so that
+no message is ever decompressed (``harden_hypercorn``, called by ``serve``).
+``docs/security.md`` lists every default.
 """
 
 from __future__ import annotations
@@ -29,6 +38,9 @@ from typing import TYPE_CHECKING, Any, cast
 import anyio
 import sniffio
 from hypercorn.config import Config
+from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer
+from wsproto.events import Message as WSMessage
+from wsproto.extensions import PerMessageDeflate
 
 from remote_exec.auth import bearer_token, check_token
 from remote_exec.exceptions import ConnectionLostError
@@ -37,7 +49,18 @@ from remote_exec.protocol import Limits
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
 
-__all__ = ["ASGIWebSocketTransport", "RemoteExecApp", "create_app", "hypercorn_config", "serve"]
+__all__ = [
+    "DEFAULT_HANDSHAKE_TIMEOUT",
+    "DEFAULT_IDLE_TIMEOUT",
+    "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_PING_INTERVAL",
+    "ASGIWebSocketTransport",
+    "RemoteExecApp",
+    "create_app",
+    "harden_hypercorn",
+    "hypercorn_config",
+    "serve",
+]
 
 logger = logging.getLogger("remote_exec.server")
 
@@ -47,6 +70,14 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_CONNECTIONS = 64
+# Seconds a client has to finish the TLS and HTTP (websocket upgrade) handshake.
+DEFAULT_HANDSHAKE_TIMEOUT = 10.0
+# Seconds without receiving anything at all before a connection is dropped;
+# larger than the ping interval, so a live client (which answers every ping)
+# never reaches it.
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_PING_INTERVAL = 20.0
+DEFAULT_GRACE = 5.0
 # How often shutdown looks whether in-flight calls have finished.
 _IDLE_POLL = 0.05
 
@@ -66,7 +97,7 @@ class ASGIWebSocketTransport:
         self._receive = receive
         self._send = send
         self._max_size = max_size
-        self._lock = anyio.Lock()
+        self._lock = anyio.Lock(fast_acquire=True)
         self.closed = False
         self.close_reason = ""
         # What ``aclose`` (called by the dispatcher) says; 1001 once the server stops.
@@ -397,22 +428,47 @@ def hypercorn_config(
     limits: Limits | None = None,
     certfile: str | None = None,
     keyfile: str | None = None,
-    ping_interval: float | None = 20.0,
+    ping_interval: float | None = DEFAULT_PING_INTERVAL,
     graceful_timeout: float = 0.5,
+    handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
+    idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT,
 ) -> Config:
     """A hypercorn ``Config`` serving on the bound, listening ``sock``.
 
     The socket is handed over as ``fd://N`` (hypercorn owns it afterwards), so
     a port the kernel picked (port 0) is served without a race. Websocket
-    messages are capped at ``limits.max_message_size``; hypercorn pings every
-    ``ping_interval`` seconds. ``graceful_timeout`` is short because ``serve``
-    has already drained the app when hypercorn starts waiting.
+    messages are capped at ``limits.max_message_size`` (hypercorn stops
+    buffering a message, and closes with 1009, once it exceeds that); hypercorn
+    pings every ``ping_interval`` seconds (None: never). ``graceful_timeout`` is
+    short because ``serve`` has already drained the app when hypercorn starts
+    waiting.
+
+    Args:
+        handshake_timeout: seconds a connection may take for its TLS handshake
+            and to send a whole HTTP request (slow or stalled handshakes are
+            dropped); also how long an idle HTTP keep-alive connection stays.
+        idle_timeout: seconds without receiving a single byte before the
+            connection is dropped (None: never). A live websocket client answers
+            every ping, so keep this well above ``ping_interval``: then only a
+            peer that vanished, or stopped reading and writing, reaches it.
     """
+    if handshake_timeout <= 0:
+        raise ValueError("handshake_timeout must be positive")
+    if idle_timeout is not None and idle_timeout <= 0:
+        raise ValueError("idle_timeout must be positive (or None)")
     limits = limits or Limits()
     config = Config()
     config.bind = [f"fd://{sock.detach()}"]
     config.websocket_max_message_size = limits.max_message_size
     config.websocket_ping_interval = ping_interval
+    # A whole HTTP request (the websocket upgrade, with its token) must arrive
+    # within the keep-alive timeout: hypercorn's idle timer runs from accept
+    # until a complete request, then stops for the websocket's lifetime.
+    config.keep_alive_timeout = handshake_timeout
+    config.ssl_handshake_timeout = handshake_timeout
+    # Every read from the socket, handshake and websocket alike (hypercorn
+    # types it int, but hands it to wait_for / fail_after: any float works).
+    config.read_timeout = idle_timeout  # type: ignore[assignment]
     config.certfile = certfile
     config.keyfile = keyfile
     config.alpn_protocols = ["http/1.1"]  # websockets over HTTP/1.1 only
@@ -443,6 +499,7 @@ async def serve(
         await shutdown_trigger()
         await app.shutdown(grace)
 
+    harden_hypercorn()
     asgi = cast(Any, app)
     if sniffio.current_async_library() == "trio":
         from hypercorn.trio import serve as trio_serve
@@ -454,6 +511,65 @@ async def serve(
     # once it started exiting): give it a task of its own.
     async with anyio.create_task_group() as task_group:
         task_group.start_soon(_serve_asyncio, asgi, config, drained)
+
+
+class _DeclinedDeflate(PerMessageDeflate):
+    """permessage-deflate that declines every offer, so it is never enabled.
+
+    With the extension off, a frame with the compression bit set is a protocol
+    error (close 1002): the server never inflates anything a client sends.
+    """
+
+    def accept(self, offer: str) -> None:
+        return None
+
+
+class _CappedWebsocketBuffer(WebsocketBuffer):
+    """hypercorn's message buffer, made to stop growing at its cap.
+
+    hypercorn writes each chunk before comparing the length with the cap, and
+    after it has closed with 1009 it goes on feeding the rest of the message
+    (a frame may claim 2**63 bytes) into the same buffer: a client that keeps
+    sending would fill the daemon's memory. Here a chunk that would pass the
+    cap is dropped, and so is every later one.
+    """
+
+    def extend(self, event: WSMessage[Any]) -> None:
+        if self.length + len(event.data) > self.max_length:
+            self.length = self.max_length + 1  # stays over: later chunks are dropped too
+            raise FrameTooLargeError()
+        super().extend(event)
+
+
+def harden_hypercorn() -> None:
+    """Close two holes of hypercorn's websocket handling (idempotent, process-wide).
+
+    * Compression: hypercorn offers no setting for it and accepts
+      permessage-deflate whenever a client (every browser) offers it; its
+      inflater has no output cap, so a small frame could inflate to gigabytes
+      before the size cap is checked. hypercorn builds the extension from the
+      name ``PerMessageDeflate`` of its ``ws_stream`` module: that name becomes
+      a subclass that declines every offer. Clients then talk uncompressed,
+      which is what remote-exec's binary frames want anyway.
+    * Size cap: ``WebsocketBuffer`` of the same module becomes a subclass that
+      never grows past ``websocket_max_message_size`` (see above).
+
+    Raises:
+        RuntimeError: this hypercorn builds its websockets another way: refuse
+            to serve rather than serve with these holes open.
+    """
+    from hypercorn.protocol import ws_stream
+
+    names = vars(ws_stream)
+    if names.get("PerMessageDeflate") not in (PerMessageDeflate, _DeclinedDeflate) or names.get(
+        "WebsocketBuffer"
+    ) not in (WebsocketBuffer, _CappedWebsocketBuffer):
+        raise RuntimeError(
+            "this hypercorn version builds its websockets in an unknown way: cannot turn "
+            "off compression and cap message buffers (see remote_exec.server.app)"
+        )
+    names["PerMessageDeflate"] = _DeclinedDeflate
+    names["WebsocketBuffer"] = _CappedWebsocketBuffer
 
 
 async def _serve_asyncio(

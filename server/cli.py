@@ -5,8 +5,11 @@
     remote-exec serve --host 127.0.0.1 --port 8765 [--allow-module PATTERN ...]
         [--allow-import-from-main] [--token-file F | --no-auth]
         [--certfile F --keyfile F] [--insecure] [--backend asyncio|trio]
-        [--allowed-origin O ...] [--max-message-size N] [--max-connections N]
-        [--max-calls N] [--grace S] [--log-level L]
+        [--allowed-origin O ...] [--grace S] [--ping-interval S] [--log-level L]
+        [--max-message-size N] [--max-buffers N] [--max-depth N] [--max-calls N]
+        [--max-queued-items N] [--max-queued-events N] [--max-instances N]
+        [--max-server-instances N] [--max-connections N]
+        [--handshake-timeout S] [--idle-timeout S]
 
 ``python -m remote_exec.server [options]`` is the same as ``remote-exec serve [options]``.
 
@@ -24,6 +27,10 @@ Safety: binds 127.0.0.1 unless told; a non-loopback address needs TLS
 a token is required unless ``--no-auth``: from ``--token-file``, else
 ``REMOTE_EXEC_TOKEN``, else the per-user token file (created if missing).
 
+Limits: every one is finite, has a default and a flag (``remote-exec serve
+--help`` lists them; ``docs/security.md`` explains each and a test keeps that
+page equal to these defaults).
+
 SIGINT/SIGTERM: stop accepting, give in-flight calls ``--grace`` seconds, then
 cancel them (their callers get an error), exit code 0. A second signal exits
 at once (code 1).
@@ -32,13 +39,13 @@ at once (code 1).
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
+import math
 import os
 import signal
 import socket
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import anyio
@@ -52,10 +59,20 @@ from remote_exec.auth import (
 )
 from remote_exec.protocol import Limits
 
-from .app import DEFAULT_MAX_CONNECTIONS, RemoteExecApp, create_app, hypercorn_config, serve
+from .app import (
+    DEFAULT_GRACE,
+    DEFAULT_HANDSHAKE_TIMEOUT,
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_PING_INTERVAL,
+    RemoteExecApp,
+    create_app,
+    hypercorn_config,
+    serve,
+)
 from .dispatch import Dispatcher
 
-__all__ = ["build_parser", "main"]
+__all__ = ["build_parser", "limits_from_args", "main"]
 
 logger = logging.getLogger("remote_exec.server")
 
@@ -125,41 +142,108 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="allow classes defined in a client's __main__ script",
     )
 
-    caps = parser.add_argument_group("limits")
+    caps = parser.add_argument_group(
+        "limits",
+        "Every limit is finite; clients should use the same message size, buffer "
+        "and depth caps (remote_exec.protocol.Limits).",
+    )
     defaults = Limits()
     caps.add_argument(
         "--max-message-size",
-        type=_positive_int,
+        type=_int_at_least(1024),
         default=defaults.max_message_size,
         metavar="BYTES",
-        help="largest message accepted (default %(default)s)",
+        help="largest message accepted or sent, checked from its header (default %(default)s)",
     )
     caps.add_argument(
-        "--max-connections",
-        type=_positive_int,
-        default=DEFAULT_MAX_CONNECTIONS,
-        help="websocket connections at once (default %(default)s)",
+        "--max-buffers",
+        type=_int_in(1, 0xFFFF),
+        default=defaults.max_buffers,
+        metavar="N",
+        help="out-of-band binary buffers in one message (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-depth",
+        type=_int_at_least(8),
+        default=defaults.max_depth,
+        metavar="N",
+        help="nesting depth of a value (default %(default)s)",
     )
     caps.add_argument(
         "--max-calls",
-        type=_positive_int,
+        type=_int_at_least(1),
         default=defaults.max_calls,
-        help="calls in flight per connection (default %(default)s)",
+        metavar="N",
+        help="calls and streams in flight per connection; past it a call fails at once "
+        "with TooManyCallsError (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-queued-items",
+        dest="max_credit",
+        type=_int_at_least(1),
+        default=defaults.max_credit,
+        metavar="N",
+        help="stream items produced ahead of a consumer, per stream: the largest window "
+        "a client may ask for (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-queued-events",
+        type=_int_at_least(1),
+        default=defaults.max_queued_events,
+        metavar="N",
+        help="events a channel subscriber may fall behind before it is dropped "
+        "(default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-instances",
+        type=_int_at_least(1),
+        default=defaults.max_instances,
+        metavar="N",
+        help="instances one connection may have created and not deleted (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-server-instances",
+        type=_int_at_least(1),
+        default=defaults.max_server_instances,
+        metavar="N",
+        help="instances the daemon holds at once, each with its own thread (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-connections",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="websocket connections at once; more are refused with HTTP 503 (default %(default)s)",
+    )
+    caps.add_argument(
+        "--handshake-timeout",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_HANDSHAKE_TIMEOUT,
+        metavar="SECONDS",
+        help="time to finish the TLS and websocket handshake, token included (default %(default)s)",
+    )
+    caps.add_argument(
+        "--idle-timeout",
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="drop a connection on which nothing arrives for this long (a live client "
+        "answers every ping); must exceed --ping-interval; 0: never (default %(default)s)",
     )
 
     run = parser.add_argument_group("running")
     run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
     run.add_argument(
         "--grace",
-        type=float,
-        default=5.0,
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_GRACE,
         metavar="SECONDS",
         help="on SIGINT/SIGTERM, time given to in-flight calls (default %(default)s)",
     )
     run.add_argument(
         "--ping-interval",
-        type=float,
-        default=20.0,
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_PING_INTERVAL,
         metavar="SECONDS",
         help="websocket keepalive ping interval, 0 to disable (default %(default)s)",
     )
@@ -171,11 +255,51 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
-    return value
+def limits_from_args(args: argparse.Namespace) -> Limits:
+    """The ``Limits`` that parsed ``serve`` arguments ask for."""
+    return Limits(
+        max_message_size=args.max_message_size,
+        max_buffers=args.max_buffers,
+        max_depth=args.max_depth,
+        max_calls=args.max_calls,
+        max_credit=args.max_credit,
+        max_instances=args.max_instances,
+        max_server_instances=args.max_server_instances,
+        max_queued_events=args.max_queued_events,
+    )
+
+
+def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < low or (high is not None and value > high):
+            bounds = f"at least {low}" if high is None else f"between {low} and {high}"
+            raise argparse.ArgumentTypeError(f"must be {bounds}, not {value}")
+        return value
+
+    return parse
+
+
+def _int_at_least(low: int) -> Callable[[str], int]:
+    return _int_in(low)
+
+
+def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+        if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+            raise argparse.ArgumentTypeError(
+                f"must be a finite number of seconds {'>= 0' if allow_zero else '> 0'}, not {text}"
+            )
+        return value
+
+    return parse
 
 
 class _UsageError(Exception):
@@ -255,6 +379,8 @@ async def _serve(app: RemoteExecApp, args: argparse.Namespace, sock: socket.sock
         certfile=args.certfile,
         keyfile=args.keyfile,
         ping_interval=args.ping_interval or None,
+        handshake_timeout=args.handshake_timeout,
+        idle_timeout=args.idle_timeout or None,
     )
     run = _Run()
     async with anyio.create_task_group() as task_group:
@@ -283,8 +409,11 @@ def run_serve(args: argparse.Namespace) -> int:
         )
     if not 0 <= args.port <= 65535:
         raise _UsageError(f"--port must be between 0 and 65535, not {args.port}")
-    if args.grace < 0:
-        raise _UsageError("--grace cannot be negative")
+    if args.idle_timeout and args.ping_interval and args.ping_interval >= args.idle_timeout:
+        raise _UsageError(
+            f"--idle-timeout ({args.idle_timeout} s) must exceed --ping-interval "
+            f"({args.ping_interval} s): a live client is only heard from when it answers a ping"
+        )
     if tls:
         for name in (args.certfile, args.keyfile):
             if not Path(name).is_file():
@@ -299,9 +428,13 @@ def run_serve(args: argparse.Namespace) -> int:
     if args.insecure and not is_loopback_host(args.host):
         logger.warning("serving without TLS on %s (--insecure)", args.host)
 
-    limits = dataclasses.replace(
-        Limits(), max_message_size=args.max_message_size, max_calls=args.max_calls
-    )
+    if args.idle_timeout and not args.ping_interval:
+        logger.warning(
+            "--ping-interval 0 with --idle-timeout %s: clients that send nothing for that "
+            "long are disconnected",
+            args.idle_timeout,
+        )
+    limits = limits_from_args(args)
     dispatcher = Dispatcher(
         allow_modules=args.allow_module,
         allow_import_from_main=args.allow_import_from_main,

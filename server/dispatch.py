@@ -73,6 +73,7 @@ from remote_exec.exceptions import (
     exception_type_name,
 )
 from remote_exec.executor import RemoteMethod, check_channel, config_of, remote_method
+from remote_exec.framing import pack_frames
 from remote_exec.messages import Call, Cancel, Close, Credit, Message
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
@@ -129,13 +130,34 @@ class _Instance:
     thread (which runs them one at a time, in order). They finish in order.
     """
 
-    __slots__ = ("active", "deleted", "key", "name", "obj", "queue", "runners", "streams", "worker")
+    __slots__ = (
+        "active",
+        "deleted",
+        "key",
+        "name",
+        "obj",
+        "owner",
+        "queue",
+        "runners",
+        "streams",
+        "worker",
+    )
 
-    def __init__(self, name: str, obj: Any, key: tuple[str, str], worker: InstanceWorker) -> None:
+    def __init__(
+        self,
+        name: str,
+        obj: Any,
+        key: tuple[str, str],
+        worker: InstanceWorker,
+        owner: set[str] | None = None,
+    ) -> None:
         self.name = name
         self.obj = obj
         self.key = key  # (module, qualname) as the client asked for it
         self.worker = worker
+        # The names the creating connection holds (``max_instances``): the set,
+        # not the connection, so that an instance never keeps a dead one alive.
+        self.owner = owner
         self.queue: deque[_Entry] = deque()
         self.active = 0  # how many entries at the front have started
         self.deleted = False
@@ -893,15 +915,19 @@ class _Runner:
 class _OpCall(_Call):
     """A server operation that runs as a task of the connection."""
 
-    __slots__ = ("credit_event", "scope", "stream")
+    __slots__ = ("cancelled", "credit_event", "scope", "stream")
 
     def __init__(self, conn: _Connection, sid: int, stream: bool) -> None:
         super().__init__(conn, sid)
         self.stream = stream
         self.scope: anyio.CancelScope | None = None
         self.credit_event = anyio.Event()
+        # Its task may not have started yet when a Cancel (or the end of the
+        # connection) arrives: remembered here, it cancels the task's scope at once.
+        self.cancelled = False
 
     def on_cancel(self) -> None:
+        self.cancelled = True
         if self.scope is not None:
             self.scope.cancel()
 
@@ -935,6 +961,8 @@ class _Connection:
         self.call_soon = _threadsafe_call_soon()
         self.calls: dict[int, _Call] = {}
         self.runners: dict[_Instance, _Runner] = {}
+        self.held: set[str] = set()  # instances this connection created (max_instances)
+        self.creating = 0  # ... and is creating right now
         self.tg: TaskGroup | None = None
         self.alive = True  # False once the connection is going away: nothing more is sent
         self.reason = "the connection closed"
@@ -1026,8 +1054,9 @@ class _Connection:
                     await self._wakeup.wait()
                     continue
                 self._sending = True
-                for frame in rpc.data_to_send():
-                    await transport.send_frame(frame)
+                # Replies queued together travel together: one message, one write.
+                for message in pack_frames(rpc.data_to_send(), rpc.limits.max_message_size):
+                    await transport.send_frame(message)
                 self._sending = False
         except anyio.get_cancelled_exc_class():
             raise
@@ -1205,7 +1234,8 @@ class Dispatcher:
             on this machine) under a private module name.
         limits: message size, nesting depth and calls-in-flight caps per connection.
         max_queued_events: how many events a subscriber may lag behind before
-            it is dropped with ``SubscriberOverflowError``.
+            it is dropped with ``SubscriberOverflowError`` (default:
+            ``limits.max_queued_events``).
         close_grace: how long a closing connection waits for its cancelled work
             and generators to finish, in seconds.
     """
@@ -1230,7 +1260,7 @@ class Dispatcher:
         allow_modules: Sequence[str] = (),
         allow_import_from_main: bool = False,
         limits: Limits | None = None,
-        max_queued_events: int = 1024,
+        max_queued_events: int | None = None,
         close_grace: float = 5.0,
     ) -> None:
         if isinstance(allow_modules, str):
@@ -1240,7 +1270,9 @@ class Dispatcher:
         self.limits = limits or Limits()
         self.close_grace = close_grace
         self.registry = InstanceRegistry()
-        self.events = EventHub(max_queued_events)
+        self.events = EventHub(
+            self.limits.max_queued_events if max_queued_events is None else max_queued_events
+        )
         self._instances: dict[str, _Instance] = {}
         self._creating: dict[str, anyio.Event] = {}
         self._connections: set[_Connection] = set()
@@ -1424,6 +1456,8 @@ class Dispatcher:
         try:
             with anyio.CancelScope() as scope:
                 call.scope = scope
+                if call.cancelled:  # cancelled before this task began: never starts
+                    scope.cancel()
                 try:
                     value = await handler(conn, call, *args)
                 except anyio.get_cancelled_exc_class():
@@ -1607,7 +1641,9 @@ class Dispatcher:
             if exist_ok and existing.key == key:
                 return False
             raise DuplicateInstanceError(f"an instance named {name!r} already exists")
+        self._check_instance_caps(conn)
         done = self._creating[name] = anyio.Event()
+        conn.creating += 1
         try:
             cls = await self._resolve_class(module, qualname, main_path)
             allowed = set(getattr(cls, "_config_props_", ()))
@@ -1624,8 +1660,10 @@ class Dispatcher:
                 with anyio.move_on_after(self.close_grace, shield=True):
                     await worker.stop()
                 raise
-            self._instances[name] = _Instance(name, obj, key, worker)
+            self._instances[name] = _Instance(name, obj, key, worker, conn.held)
+            conn.held.add(name)
         finally:
+            conn.creating -= 1
             del self._creating[name]
             done.set()
         logger.info("instance %r created (%s.%s)", name, module, qualname)
@@ -1634,10 +1672,25 @@ class Dispatcher:
         )
         return True
 
+    def _check_instance_caps(self, conn: _Connection) -> None:
+        limits = self.limits
+        if len(conn.held) + conn.creating >= limits.max_instances:
+            raise NotAllowedError(
+                f"this connection already holds {limits.max_instances} instances, the cap "
+                "(--max-instances): delete some first"
+            )
+        if len(self._instances) + len(self._creating) >= limits.max_server_instances:
+            raise NotAllowedError(
+                f"the server already holds {limits.max_server_instances} instances, the cap "
+                "(--max-server-instances)"
+            )
+
     async def _op_delete_instance(self, conn: _Connection, call: _OpCall, name: Any) -> None:
         instance = self._instance(name)
         # Gone at once for new calls; calls already queued run first.
         del self._instances[instance.name]
+        if instance.owner is not None:
+            instance.owner.discard(instance.name)
         self.registry.remove_instance(instance.name)
         with anyio.CancelScope(shield=True):
             async with _exclusive(instance):

@@ -1,0 +1,1 @@
+"""Hardening: hostile input, faults and load against real daemons (both backends)."""
