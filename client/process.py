@@ -16,6 +16,8 @@ exits (see ``remote_exec.server.child``).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import socket
 import subprocess
@@ -104,6 +106,7 @@ class ProcessExecutor(RemoteExecutor):
     def _command(self, fd: int, pipe: int, backend: str) -> list[str]:
         command = [self.python, "-m", _CHILD_MODULE, "--fd", str(fd), "--backend", backend]
         command += ["--parent-pipe", str(pipe)]
+        command += ["--limits", json.dumps(dataclasses.asdict(self.limits))]
         # asyncio forks from its loop's thread, which lives as long as this
         # executor; trio forks from a cached worker thread that exits when idle,
         # and PR_SET_PDEATHSIG would then kill a healthy child.

@@ -570,6 +570,34 @@ def harden_hypercorn() -> None:
         )
     names["PerMessageDeflate"] = _DeclinedDeflate
     names["WebsocketBuffer"] = _CappedWebsocketBuffer
+    _harden_trio_sends()
+
+
+def _harden_trio_sends() -> None:
+    """Keep one closing connection from taking down the trio daemon.
+
+    hypercorn's trio ``TCPServer`` half-closes a connection (``send_eof`` in
+    ``_close``) without its send lock; a send racing it raises
+    ``trio.BusyResourceError``, which its ``protocol_send`` does not catch and
+    which then cancels every connection of the server. Such a send can only
+    race a close, so it is handled as the connection closing.
+    """
+    import trio
+    from hypercorn.events import Closed
+    from hypercorn.trio import tcp_server
+
+    original = tcp_server.TCPServer.protocol_send
+    if getattr(original, "_remote_exec_hardened", False):
+        return
+
+    async def protocol_send(self: Any, event: Any) -> None:
+        try:
+            await original(self, event)
+        except trio.BusyResourceError:
+            await self.protocol.handle(Closed())
+
+    protocol_send._remote_exec_hardened = True  # type: ignore[attr-defined]
+    tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
 
 
 async def _serve_asyncio(

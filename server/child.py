@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import logging
 import os
 import signal
@@ -45,6 +46,7 @@ import anyio
 from anyio.abc import SocketStream
 
 from remote_exec.exceptions import ConnectionLostError
+from remote_exec.protocol import Limits
 from remote_exec.transport import StreamTransport
 
 from .dispatch import Dispatcher
@@ -118,20 +120,30 @@ class _ParentLink(StreamTransport):
             raise
 
 
-async def _serve(fd: int, allow_modules: Sequence[str], allow_import_from_main: bool) -> None:
+async def _serve(
+    fd: int, allow_modules: Sequence[str], allow_import_from_main: bool, limits: Limits
+) -> None:
     dispatcher = Dispatcher(
         allow_modules=allow_modules,
         allow_import_from_main=allow_import_from_main,
+        limits=limits,
         close_grace=_EXIT_GRACE / 2,
     )
     stream = await SocketStream.from_socket(socket.socket(fileno=fd))
-    link = _ParentLink(stream, max_size=dispatcher.limits.max_message_size)
+    link = _ParentLink(stream, max_size=limits.max_message_size, max_buffers=limits.max_buffers)
     try:
         await dispatcher.serve(link, peer=f"parent process {os.getppid()}")
     finally:
         _start_watchdog()
         with anyio.CancelScope(shield=True):
             await dispatcher.aclose()
+
+
+def _limits(text: str) -> Limits:
+    try:
+        return Limits(**json.loads(text))
+    except (ValueError, TypeError) as exc:
+        raise argparse.ArgumentTypeError(f"invalid limits {text!r}: {exc}") from None
 
 
 def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -154,6 +166,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="create classes defined in the parent's __main__ by importing its main file",
     )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--limits",
+        type=_limits,
+        default=Limits(),
+        metavar="JSON",
+        help="the parent's Limits as a JSON object (both ends use the same caps)",
+    )
     parser.add_argument(
         "--parent-pipe",
         type=int,
@@ -188,6 +207,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             options.fd,
             options.allow_module,
             options.allow_import_from_main,
+            options.limits,
             backend=options.backend,
         )
     except BaseException:

@@ -315,3 +315,19 @@ async def test_child_exits_when_the_parent_dies_even_if_its_loop_is_blocked(
                     rest += await output.receive()
     assert rest == b""
     assert child_pid != parent.pid
+
+
+async def test_the_child_uses_the_parents_limits(anyio_backend: str) -> None:
+    """A cap set on the executor holds in the child too: a too-large reply fails
+    that call only (the child refuses to send it) and the connection lives."""
+    from remote_exec.protocol import Limits
+
+    from .._limits_probe import Big
+
+    limits = Limits(max_message_size=64 * 1024)
+    async with ProcessExecutor(limits=limits) as executor:
+        big = Big()
+        async with executor.remote_instance(big, "big"):
+            with pytest.raises(Exception, match="size cap"):
+                await big.make(128 * 1024)
+            assert len(await big.make(1024)) == 1024
