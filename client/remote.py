@@ -30,8 +30,7 @@ from remote_exec.executor import (
     RemoteStream,
     check_channel,
     config_of,
-    remote_method,
-    resolve_callback,
+    resolve_call,
 )
 from remote_exec.framing import pack_frames
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
@@ -377,11 +376,6 @@ class RemoteExecutor(Executor):
         return waiter.value
 
     # -- the Executor interface ----------------------------------------------------
-    def _target(self, obj: Any, fn: Callable[..., Any] | str) -> tuple[str, str, Any]:
-        self._check_usable()
-        name = fn if isinstance(fn, str) else fn.__name__
-        marker = remote_method(type(obj), name)
-        return self.registry.require_name(obj), name, marker
 
     async def execute(
         self,
@@ -391,9 +385,10 @@ class RemoteExecutor(Executor):
         kwargs: dict[str, Any] | None = None,
         callback: Callable[..., Any] | str | None = None,
     ) -> Any:
-        target, method, marker = self._target(obj, fn)
-        bound = resolve_callback(obj, callback if callback is not None else marker.callback)
-        return await self._request(target, method, args, kwargs, bound)
+        self._check_usable()
+        marker, bound = resolve_call(obj, fn, callback, generator=False)
+        target = self.registry.require_name(obj)
+        return await self._request(target, marker.name, args, kwargs, bound)
 
     def execute_generator(
         self,
@@ -403,9 +398,10 @@ class RemoteExecutor(Executor):
         kwargs: dict[str, Any] | None = None,
         callback: Callable[..., Any] | str | None = None,
     ) -> RemoteStream:
-        target, method, marker = self._target(obj, gen)
-        bound = resolve_callback(obj, callback if callback is not None else marker.callback)
-        return _Stream(self, target, method, list(args), kwargs or {}, bound, self.window)
+        self._check_usable()
+        marker, bound = resolve_call(obj, gen, callback, generator=True)
+        target = self.registry.require_name(obj)
+        return _Stream(self, target, marker.name, list(args), kwargs or {}, bound, self.window)
 
     async def _create(self, obj: Any, name: str, args: Any, kwargs: Any, exist_ok: bool) -> bool:
         self._check_usable()

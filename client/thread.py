@@ -31,8 +31,7 @@ from remote_exec.executor import (
     RemoteMethod,
     RemoteStream,
     config_of,
-    remote_method,
-    resolve_callback,
+    resolve_call,
 )
 from remote_exec.registry import InstanceRegistry
 from remote_exec.worker import InstanceWorker, Job
@@ -126,7 +125,6 @@ class ThreadExecutor(Executor):
         self.window = window
         self._held: dict[str, _Held] = {}
         self._retired: set[InstanceWorker] = set()  # deleted, maybe not joined yet
-        self._methods: dict[tuple[type, str], RemoteMethod] = {}
         self._events = EventHub()
 
     # -- lifecycle -------------------------------------------------------------
@@ -238,15 +236,6 @@ class ThreadExecutor(Executor):
             )
         return name, entry
 
-    def _method(self, obj: Any, fn: Callable[..., Any] | str) -> RemoteMethod:
-        cls = type(obj)
-        name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
-        key = (cls, name)
-        marker = self._methods.get(key)
-        if marker is None:
-            marker = self._methods[key] = remote_method(cls, name)
-        return marker
-
     # -- calls -----------------------------------------------------------------
     async def execute(
         self,
@@ -263,12 +252,9 @@ class ThreadExecutor(Executor):
         if self._state != "running":
             self.check_running()
         name, entry = self._entry(obj)
-        marker = self._method(obj, fn)
-        if marker.is_generator:
-            raise TypeError(f"{marker.name} is a generator method: use execute_generator")
+        marker, bound = resolve_call(obj, fn, callback, generator=False)
         args = tuple(args)
         kwargs = {} if kwargs is None else kwargs
-        bound = resolve_callback(obj, marker.callback if callback is None else callback)
         on_done: Callable[[Job], None] | None = None
         if bound is not None or self._events.has_subscribers:
             events = self._events
@@ -304,12 +290,9 @@ class ThreadExecutor(Executor):
         runs in the instance's thread at most ``window`` items ahead."""
         self.check_running()
         name, entry = self._entry(obj)
-        marker = self._method(obj, gen)
-        if not marker.is_generator:
-            raise TypeError(f"{marker.name} is not a generator method: use execute")
+        marker, bound = resolve_call(obj, gen, callback, generator=True)
         args = tuple(args)
         kwargs = {} if kwargs is None else kwargs
-        bound = resolve_callback(obj, marker.callback if callback is None else callback)
         # Creating a generator runs none of its body, so it is safe to do here;
         # every step (and so every line of the body) runs in the worker.
         generator = marker.func(obj, *args, **kwargs)

@@ -8,6 +8,7 @@ properties, lifecycle checks, entering the context) lives here.
 from __future__ import annotations
 
 import contextvars
+import functools
 import inspect
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable
@@ -27,6 +28,7 @@ __all__ = [
     "RemoteStream",
     "current_executor",
     "remote_method",
+    "resolve_call",
 ]
 
 NO_CALLBACK = "#@none"
@@ -76,8 +78,11 @@ class RemoteMethod:
     callback: Callable[..., Any] | str | None
 
 
+@functools.lru_cache(maxsize=4096)
 def remote_method(cls: type, name: str) -> RemoteMethod:
     """The remote method ``name`` of ``cls``, if it may be called remotely.
+
+    Cached: this runs on every call, on both sides.
 
     Raises:
         NotAllowedError: private names, undecorated or missing methods.
@@ -94,6 +99,32 @@ def remote_method(cls: type, name: str) -> RemoteMethod:
             "apply_generator_executor, so it cannot be called remotely"
         )
     return marker
+
+
+def resolve_call(
+    obj: Any,
+    fn: Callable[..., Any] | str,
+    callback: Callable[..., Any] | str | None,
+    *,
+    generator: bool,
+) -> tuple[RemoteMethod, Callable[[Any], Any] | None]:
+    """What every executor needs to run ``fn`` of ``obj``: its marker and the
+    bound callback (the one given, else the decorator's).
+
+    Raises:
+        NotAllowedError: ``fn`` is not a decorated public method.
+        TypeError: a generator through ``execute``, or the other way round.
+    """
+    name = fn if isinstance(fn, str) else getattr(fn, "__name__", "")
+    cls: type = type(obj)
+    marker = remote_method(cls, name)
+    if marker.is_generator != generator:
+        raise TypeError(
+            f"{marker.name} is a generator method: use execute_generator"
+            if marker.is_generator
+            else f"{marker.name} is not a generator method: use execute"
+        )
+    return marker, resolve_callback(obj, marker.callback if callback is None else callback)
 
 
 def resolve_callback(
