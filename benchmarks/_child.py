@@ -15,57 +15,21 @@ holding a JSON object; anything else the subject prints is ignored by run.py.
 from __future__ import annotations
 
 import importlib
-import inspect
 import json
 import os
 import platform
 import sys
 import traceback
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from importlib import metadata
 from types import ModuleType
-from typing import Any
 
-from benchmarks._harness import WORKLOADS, Params, Unavailable
+from benchmarks._harness import WORKLOADS, Params, Unavailable, describe, emit, run_on
 from benchmarks.registry import SUBJECTS
-
-MARKER = "@@BENCH "
-
-
-def _emit(record: Mapping[str, object]) -> None:
-    sys.stdout.write(MARKER + json.dumps(record) + "\n")
-    sys.stdout.flush()
-
-
-def _leaf(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
-        exc = exc.exceptions[0]
-    return exc
-
-
-def describe(exc: BaseException) -> str:
-    """``Type: message`` of the first leaf exception, on one line."""
-    leaf = _leaf(exc)
-    message = " ".join(str(leaf).split())
-    return f"{type(leaf).__name__}: {message}" if message else type(leaf).__name__
 
 
 def _import_subject(module: str) -> ModuleType:
     return importlib.import_module(f"benchmarks.subjects.{module}")
-
-
-def _call(fn: Callable[..., Any], args: tuple[object, ...], backend: str) -> Any:
-    if not inspect.iscoroutinefunction(fn):
-        return fn(*args)
-    if backend == "trio":
-        import trio
-
-        return trio.run(fn, *args)
-    if backend != "asyncio":
-        raise ValueError(f"unknown backend {backend!r}")
-    import asyncio
-
-    return asyncio.run(fn(*args))
 
 
 def _backend(module: ModuleType, options: Mapping[str, str]) -> str:
@@ -90,26 +54,26 @@ def probe(name: str) -> None:
         if check is not None:
             check(subject.options)
     except (ImportError, Unavailable) as exc:
-        _emit({"available": False, "reason": describe(exc)})
+        emit({"available": False, "reason": describe(exc)})
         return
     workloads = [w for w in WORKLOADS if w in getattr(module, "WORKLOADS", WORKLOADS)]
-    _emit({"available": True, "workloads": workloads, "versions": _versions(module)})
+    emit({"available": True, "workloads": workloads, "versions": _versions(module)})
 
 
 def run(name: str, workload: str, params_json: str) -> None:
     subject = SUBJECTS[name]
     params = Params.from_json(params_json).with_options(subject.options)
     module = _import_subject(subject.module)
-    value = float(_call(module.run, (workload, params), _backend(module, subject.options)))
+    value = float(run_on(module.run, (workload, params), _backend(module, subject.options)))
     if not value > 0 or value == float("inf"):
         raise RuntimeError(f"measured a meaningless value: {value!r}")
-    _emit({"value": value})
+    emit({"value": value})
 
 
 def serve(module_name: str, options_json: str) -> None:
     options = json.loads(options_json)
     module = _import_subject(module_name)
-    _call(module.serve, (options,), _backend(module, options))
+    run_on(module.serve, (options,), _backend(module, options))
 
 
 def main(argv: list[str]) -> int:
@@ -129,7 +93,7 @@ def main(argv: list[str]) -> int:
         if command == "serve":
             raise
         traceback.print_exc()
-        _emit({"error": describe(exc)})
+        emit({"error": describe(exc)})
         return 1
     return 0
 

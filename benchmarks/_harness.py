@@ -1,9 +1,11 @@
 """Shared pieces of the benchmark harness: workloads, parameters, drivers, servers.
 
-The parent (``run.py``) only uses the workload table and ``Params``; everything
-else runs in the child measurement process or in the server processes it
-starts. Only the standard library is imported at module level, so the parent
-runs under any Python >= 3.11; trio is imported only when a trio subject runs.
+The parent (``run.py``, ``curves.py``, ``cancel_cost.py``) uses the workload
+table, ``Params``, ``run_child`` (one fresh process per measurement) and the
+report helpers; everything else runs in the child measurement process or in
+the server processes it starts. Only the standard library is imported at
+module level, so the parent runs under any Python >= 3.11; trio is imported
+only when a trio subject runs.
 
 The drivers time only the measured calls: process start, imports, server
 start, connecting and the warm-up calls are outside the timed section. Every
@@ -14,14 +16,21 @@ instead of looking fast.
 from __future__ import annotations
 
 import asyncio
+import inspect
 import json
+import os
+import platform
 import queue
 import random
 import re
+import select
+import signal
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+import traceback
 from collections import deque
 from collections.abc import (
     AsyncIterable,
@@ -35,11 +44,15 @@ from collections.abc import (
 from concurrent.futures import ThreadPoolExecutor, wait
 from contextlib import AbstractAsyncContextManager, AbstractContextManager, suppress
 from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal, Self
+from typing import Any, Literal, NoReturn, Self
 
 __all__ = [
+    "BENCH_PYTHON",
+    "MARKER",
     "REPO_ROOT",
+    "RESULTS_DIR",
     "WORKLOADS",
     "WORKLOAD_INFO",
     "Params",
@@ -48,9 +61,18 @@ __all__ = [
     "Workload",
     "WorkloadInfo",
     "announce",
+    "child_main",
+    "default_python",
+    "describe",
+    "emit",
     "gather",
+    "git_revision",
+    "machine",
     "make_payload",
     "module_server",
+    "run_child",
+    "run_on",
+    "text_table",
     "w1_latency",
     "w1_latency_sync",
     "w2_concurrency",
@@ -408,3 +430,203 @@ def module_server(module: str, options: Mapping[str, str], timeout: float = 30.0
     """A ``ServerProcess`` running ``module.serve(options)`` under this interpreter."""
     argv = [sys.executable, "-m", "benchmarks._child", "serve", module, json.dumps(dict(options))]
     return ServerProcess(argv, ready=rf"{READY_LINE} \S+ (?P<port>\d+)", timeout=timeout)
+
+
+# --- measurement processes -----------------------------------------------------------------
+#
+# The parent side (``run_child``) starts one process per measurement and reads back the one
+# ``@@BENCH {json}`` line it prints; the child side (``emit``, ``describe``, ``run_on``,
+# ``child_main``) produces it. ``run.py`` runs ``benchmarks._child``; the cost-curve and
+# cancellation scripts run themselves (``python -m benchmarks.curves --child SPEC``).
+
+MARKER = "@@BENCH "
+BENCH_PYTHON = REPO_ROOT / ".bench-venv" / "bin" / "python"
+RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
+
+
+def default_python() -> str:
+    """The benchmark interpreter: ``.bench-venv/bin/python`` if present, else this one."""
+    return str(BENCH_PYTHON) if BENCH_PYTHON.exists() else sys.executable
+
+
+def emit(record: Mapping[str, object]) -> None:
+    """Print the measurement's one result line (see ``run_child``)."""
+    sys.stdout.write(MARKER + json.dumps(record) + "\n")
+    sys.stdout.flush()
+
+
+def describe(exc: BaseException) -> str:
+    """``Type: message`` of the first leaf exception, on one line."""
+    while isinstance(exc, BaseExceptionGroup) and exc.exceptions:
+        exc = exc.exceptions[0]
+    message = " ".join(str(exc).split())
+    return f"{type(exc).__name__}: {message}" if message else type(exc).__name__
+
+
+def run_on(fn: Callable[..., Any], args: tuple[object, ...], backend: str) -> Any:
+    """``fn(*args)``; a coroutine function runs on ``backend`` (asyncio or trio)."""
+    if not inspect.iscoroutinefunction(fn):
+        return fn(*args)
+    if backend == "trio":
+        import trio
+
+        return trio.run(fn, *args)
+    if backend != "asyncio":
+        raise ValueError(f"unknown backend {backend!r}")
+    return asyncio.run(fn(*args))
+
+
+def child_main(measure: Callable[[dict[str, Any]], Any], spec_json: str) -> NoReturn:
+    """Body of a measurement process: ``measure(spec)``, its result emitted, then exit.
+
+    ``spec["backend"]`` (default asyncio) is the event loop it runs on. The
+    result must be JSON-serialisable; any exception (a stray cancellation
+    included) becomes ``{"error": ...}``.
+    Exits with ``os._exit``, so a library's lingering thread cannot hold it up.
+    """
+    spec: dict[str, Any] = json.loads(spec_json)
+    code = 0
+    try:
+        emit({"value": run_on(measure, (spec,), spec.get("backend", "asyncio"))})
+    except BaseException as exc:  # noqa: BLE001 - it becomes the measurement's error record
+        traceback.print_exc()
+        emit({"error": describe(exc)})
+        code = 1
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+def child_env() -> dict[str, str]:
+    env = dict(os.environ)
+    path = env.get("PYTHONPATH")
+    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _wait_unreaped(pid: int, timeout: float) -> bool:
+    """Wait until child ``pid`` exits, without reaping it; False on timeout."""
+    if hasattr(os, "pidfd_open"):  # Linux: sleep until it exits
+        fd = os.pidfd_open(pid)
+        try:
+            return bool(select.select([fd], [], [], timeout)[0])
+        finally:
+            os.close(fd)
+    deadline = time.monotonic() + timeout
+    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.02)
+    return True
+
+
+def run_child(
+    python: str, args: Sequence[str], timeout: float, *, module: str = "benchmarks._child"
+) -> dict[str, Any]:
+    """Run ``python -m MODULE ARGS`` and return its ``@@BENCH`` record.
+
+    The child runs in its own process group, killed as a whole when it ends,
+    so no server it started survives it. Output goes to temporary files, not
+    pipes, so a chatty child can never block on a full pipe and leftover
+    grandchildren cannot hold us up. A timeout or a missing record becomes
+    ``{"error": ...}``.
+    """
+    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
+        proc = subprocess.Popen(
+            [python, "-m", module, *args],
+            cwd=REPO_ROOT,
+            env=child_env(),
+            stdin=subprocess.DEVNULL,
+            stdout=out,
+            stderr=err,
+            start_new_session=True,  # its own process group, killed as a whole below
+        )
+        timed_out = True
+        try:
+            timed_out = not _wait_unreaped(proc.pid, timeout)
+        finally:
+            # Not yet reaped, the child still holds its pid and so its group id:
+            # this kill cannot hit an unrelated process that reused them.
+            _kill_group(proc.pid)
+            proc.wait()
+        out.seek(0)
+        err.seek(0)
+        stdout = out.read().decode(errors="replace")
+        stderr = err.read().decode(errors="replace")
+    if timed_out:
+        return {"error": f"timed out after {timeout:g} s"}
+    records = [line[len(MARKER) :] for line in stdout.splitlines() if line.startswith(MARKER)]
+    if records:
+        return dict(json.loads(records[-1]))
+    last = [line for line in stderr.splitlines() if line.strip()][-1:] or ["no output"]
+    return {"error": f"exited with code {proc.returncode} and no result: {last[0].strip()}"}
+
+
+# --- reports -------------------------------------------------------------------------------
+
+
+def git_revision() -> str:
+    """Short HEAD, with ``+dirty`` if tracked files changed; ``unknown`` outside git."""
+    try:
+        rev = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            cwd=REPO_ROOT,
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return f"{rev}+dirty" if dirty else rev
+
+
+def machine(python: str) -> dict[str, Any]:
+    """Where and when a run happens, for its JSON: CPUs, the interpreter, git, load."""
+    version = subprocess.run(
+        [python, "-c", "import platform; print(platform.python_version())"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout.strip()
+    return {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "git": git_revision(),
+        "platform": platform.platform(),
+        "cpus": os.cpu_count(),
+        "nproc": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "python": python,
+        "python_version": version or "unknown",
+        "load_average_before": os.getloadavg(),
+    }
+
+
+def text_table(rows: Sequence[Sequence[str]]) -> str:
+    """Rows of cells as aligned columns; the first row is the header, underlined.
+
+    The first column is left-aligned, the others right-aligned (they hold numbers).
+    """
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+
+    def line(row: Sequence[str]) -> str:
+        cells = [
+            c.ljust(w) if i == 0 else c.rjust(w)
+            for i, (c, w) in enumerate(zip(row, widths, strict=True))
+        ]
+        return "  ".join(cells).rstrip()
+
+    return "\n".join([line(rows[0]), "  ".join("-" * w for w in widths), *map(line, rows[1:])])

@@ -22,12 +22,8 @@ import json
 import os
 import platform
 import random
-import select
-import signal
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -40,12 +36,18 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # run as a script: make `benchmarks` importable
     sys.path.insert(0, str(REPO_ROOT))
 
-from benchmarks._harness import WORKLOAD_INFO, WORKLOADS, Params, Workload
+from benchmarks._harness import (
+    RESULTS_DIR,
+    WORKLOAD_INFO,
+    WORKLOADS,
+    Params,
+    Workload,
+    default_python,
+    git_revision,
+    run_child,
+)
 from benchmarks.registry import SUBJECTS, Subject
 
-MARKER = "@@BENCH "
-BENCH_PYTHON = REPO_ROOT / ".bench-venv" / "bin" / "python"
-RESULTS_DIR = REPO_ROOT / "benchmarks" / "results"
 DASH = "\N{EN DASH}"
 
 
@@ -107,74 +109,6 @@ class Row:
 
 
 # --- child processes -----------------------------------------------------------------------
-
-
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    path = env.get("PYTHONPATH")
-    env["PYTHONPATH"] = f"{REPO_ROOT}{os.pathsep}{path}" if path else str(REPO_ROOT)
-    env["PYTHONUNBUFFERED"] = "1"
-    return env
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def _wait_unreaped(pid: int, timeout: float) -> bool:
-    """Wait until child ``pid`` exits, without reaping it; False on timeout."""
-    if hasattr(os, "pidfd_open"):  # Linux: sleep until it exits
-        fd = os.pidfd_open(pid)
-        try:
-            return bool(select.select([fd], [], [], timeout)[0])
-        finally:
-            os.close(fd)
-    deadline = time.monotonic() + timeout
-    while os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.02)
-    return True
-
-
-def run_child(python: str, args: Sequence[str], timeout: float) -> dict[str, Any]:
-    """Run ``python -m benchmarks._child ARGS`` and return its ``@@BENCH`` record.
-
-    Output goes to temporary files, not pipes, so a chatty child can never
-    block on a full pipe and leftover grandchildren cannot hold us up.
-    """
-    with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
-        proc = subprocess.Popen(
-            [python, "-m", "benchmarks._child", *args],
-            cwd=REPO_ROOT,
-            env=_child_env(),
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=err,
-            start_new_session=True,  # its own process group, killed as a whole below
-        )
-        timed_out = True
-        try:
-            timed_out = not _wait_unreaped(proc.pid, timeout)
-        finally:
-            # Not yet reaped, the child still holds its pid and so its group id:
-            # this kill cannot hit an unrelated process that reused them.
-            _kill_group(proc.pid)
-            proc.wait()
-        out.seek(0)
-        err.seek(0)
-        stdout = out.read().decode(errors="replace")
-        stderr = err.read().decode(errors="replace")
-    if timed_out:
-        return {"error": f"timed out after {timeout:g} s"}
-    records = [line[len(MARKER) :] for line in stdout.splitlines() if line.startswith(MARKER)]
-    if records:
-        return dict(json.loads(records[-1]))
-    last = [line for line in stderr.splitlines() if line.strip()][-1:] or ["no output"]
-    return {"error": f"exited with code {proc.returncode} and no result: {last[0].strip()}"}
 
 
 def probe(python: str, rows: Sequence[Row]) -> None:
@@ -342,27 +276,6 @@ def _matches(name: str, patterns: Iterable[str]) -> bool:
 # --- JSON ----------------------------------------------------------------------------------
 
 
-def _git_revision() -> str:
-    try:
-        rev = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            cwd=REPO_ROOT,
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return f"{rev}+dirty" if dirty else rev
-
-
 def to_json(
     rows: Sequence[Row],
     workloads: Sequence[Workload],
@@ -456,7 +369,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--no-json", action="store_true", help="do not write any JSON")
     parser.add_argument(
         "--python",
-        default=str(BENCH_PYTHON) if BENCH_PYTHON.exists() else sys.executable,
+        default=default_python(),
         help="interpreter for the measurements (default: .bench-venv/bin/python if present)",
     )
     parser.add_argument(
@@ -544,7 +457,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args.no_json:
         meta = {
             "date": datetime.now(UTC).isoformat(timespec="seconds"),
-            "git": _git_revision(),
+            "git": git_revision(),
             "platform": platform.platform(),
             "cpus": os.cpu_count(),
             "python": args.python,

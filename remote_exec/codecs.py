@@ -208,7 +208,12 @@ class _Walker:
                 "register_coder(name, cls, encode, decode) or hold it as a remote instance"
             )
 
-        return lower(value, 0)
+        try:
+            return lower(value, 0)
+        finally:
+            # ``lower`` refers to itself: without this the cycle (and every
+            # buffer it reaches) lives until the next garbage collection.
+            lower = None  # type: ignore[assignment]
 
     def _lower_array(self, arr: Any, buffers: list[memoryview]) -> Any:
         if arr.dtype.hasobject:
@@ -282,7 +287,10 @@ class _Walker:
             ) as exc:
                 raise CodecError(f"malformed {_TAG_NAMES.get(code, code)} tag: {exc}") from exc
 
-        return raise_(tree, 0)
+        try:
+            return raise_(tree, 0)
+        finally:
+            raise_ = None  # type: ignore[assignment]  # break the self-reference: buffers go now
 
     def _raise_tag(
         self,

@@ -844,3 +844,27 @@ def test_ref_and_custom_rows_of_the_docs() -> None:
     assert packed == "93 c7 00 07 a8 66 72 61 63 74 69 6f 6e 92 01 03"
     text = JsonCodec().dumps(Fraction(1, 3), registry)[0]
     assert text == b'{"$rx":"custom","v":["fraction",[1,3]]}'
+
+
+@pytest.mark.parametrize("codec", [MsgpackCodec(), JsonCodec()], ids=["msgpack", "json"])
+def test_decoding_leaves_no_reference_cycle_holding_the_frame(codec: Any) -> None:
+    """The received frame is freed as soon as its values are, not at the next GC."""
+    import gc
+    import weakref
+
+    class Frame(bytearray):  # a subclass, so that it can be weakly referenced
+        pass
+
+    body, buffers = codec.dumps([(1, [b"payload"]), {"k": bytearray(b"x")}], None)
+    frame = Frame(bytes(body) + b"".join(bytes(b) for b in buffers))
+    probe = weakref.ref(frame)
+    view = memoryview(frame)
+    received = [view[len(body) :][: len(b"payload")], view[len(body) + len(b"payload") :]]
+    gc.disable()
+    try:
+        value = codec.loads(view[: len(body)], received, None)
+        assert value == [(1, [b"payload"]), {"k": bytearray(b"x")}]
+        del value, received, view, frame
+        assert probe() is None
+    finally:
+        gc.enable()
