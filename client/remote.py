@@ -247,22 +247,7 @@ class RemoteExecutor(Executor):
         connection = self._connection
         try:
             while True:
-                frame = await self._transport.receive_frame()
-                connection.receive_frame(frame)
-                for message in connection.events_received():
-                    if isinstance(message, Close):
-                        raise ConnectionLostError(
-                            f"the server closed the connection: {message.reason or 'no reason given'}"
-                        )
-                    waiter = self._waiters.get(message.stream_id)
-                    if waiter is None:
-                        continue  # its caller gave up (cancelled): drop the reply
-                    if not isinstance(message, StreamItems):
-                        del self._waiters[message.stream_id]
-                    if isinstance(waiter, _Pending):
-                        waiter.resolve(message)
-                    else:
-                        waiter.push(message)
+                self._handle_frame(await self._transport.receive_frame())
                 if connection.has_data_to_send and self._task_group is not None:
                     # e.g. the cancel of a stream whose items could not be decoded
                     self._task_group.start_soon(self._flush_quietly)
@@ -274,6 +259,27 @@ class RemoteExecutor(Executor):
             self._connection_lost(ConnectionLostError(f"protocol error from the server: {exc}"))
         except Exception as exc:  # noqa: BLE001 - the reader must never take the caller down
             self._connection_lost(ConnectionLostError(f"connection failed: {exc!r}"))
+
+    def _handle_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        """Hand each message of ``frame`` to its waiter; its own function, so
+        that no local keeps a (maybe large) frame alive while the reader waits."""
+        waiters = self._waiters
+        connection = self._connection
+        connection.receive_frame(frame)
+        for message in connection.events_received():
+            if isinstance(message, Close):
+                raise ConnectionLostError(
+                    f"the server closed the connection: {message.reason or 'no reason given'}"
+                )
+            waiter = waiters.get(message.stream_id)
+            if waiter is None:
+                continue  # its caller gave up (cancelled): drop the reply
+            if not isinstance(message, StreamItems):
+                del waiters[message.stream_id]
+            if isinstance(waiter, _Pending):
+                waiter.resolve(message)
+            else:
+                waiter.push(message)
 
     def _connection_lost(self, exc: ConnectionLostError) -> None:
         self._lost = exc

@@ -31,6 +31,7 @@ from websockets.uri import WebSocketURI, parse_uri
 
 from remote_exec.auth import TOKEN_ENV, TokenRefusedError, client_token, default_token_path
 from remote_exec.exceptions import ConnectionLostError, RemoteExecConnectionError
+from remote_exec.framing import DEFAULT_MAX_FRAME_SIZE, FrameAssembler
 from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
 from remote_exec.transport import FrameTransport
@@ -70,6 +71,7 @@ class WebSocketTransport:
         *,
         url: str,
         write_timeout: float | None = 20.0,
+        max_size: int | None = None,
     ) -> None:
         self.url = url
         self._stream = stream
@@ -77,6 +79,12 @@ class WebSocketTransport:
         self._write_timeout = write_timeout
         self._send_lock = anyio.Lock(fast_acquire=True)
         self._messages: deque[bytes | bytearray | memoryview] = deque()
+        # The daemon cuts a large frame across several messages (ASGI has no
+        # fragments): runs of whole frames come out of the assembler.
+        self._frames: deque[bytes | bytearray | memoryview] = deque()
+        self._assembler = FrameAssembler(
+            max_size=max_size if max_size is not None else DEFAULT_MAX_FRAME_SIZE
+        )
         self._fragments: list[bytes | bytearray | memoryview] | None = None
         self._error: str | None = None  # why the connection is gone, once it is
         self._alive: anyio.Event | None = None  # set by any data (keepalive)
@@ -258,13 +266,17 @@ class WebSocketTransport:
     async def receive_frame(self) -> bytes | bytearray | memoryview:
         self._receiving = True
         try:
-            while not self._messages:
+            frames, messages = self._frames, self._messages
+            while not frames:
+                if messages:
+                    frames.extend(self._assembler.feed(messages.popleft()))
+                    continue
                 if self._error is not None:
                     raise self._lost_error()
                 chunk = await self._read_chunk()
                 self._feed(chunk)
                 await self._flush_control()  # pongs and the close echo
-            return self._messages.popleft()
+            return frames.popleft()
         finally:
             self._receiving = False
 
@@ -460,7 +472,9 @@ async def connect_websocket(
                 extensions=None,  # no per-message compression
                 max_size=max_size,
             )
-            transport = WebSocketTransport(stream, protocol, url=url, write_timeout=write_timeout)
+            transport = WebSocketTransport(
+                stream, protocol, url=url, write_timeout=write_timeout, max_size=max_size
+            )
             try:
                 await transport._handshake(token)
             except ConnectionLostError as exc:

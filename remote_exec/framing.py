@@ -1,8 +1,10 @@
 """Frames: a fixed header, an encoded body, then out-of-band binary buffers.
 
-Every message of remote-exec travels as one frame. Over a websocket a frame is
-one binary message; over a byte stream (the process executor) frames follow one
-another, and the header says how many bytes the rest of the frame takes.
+Every message of remote-exec travels as one frame. Over a websocket a binary
+message carries whole frames (the daemon cuts a large run of frames across
+several messages, which ``FrameAssembler`` joins again); over a byte stream
+(the process executor) frames follow one another. Either way the header says
+how many bytes the rest of the frame takes.
 
 All integers are little-endian and unsigned.
 
@@ -47,6 +49,7 @@ __all__ = [
     "MAGIC",
     "VERSION",
     "Frame",
+    "FrameAssembler",
     "FrameHeader",
     "decode_frame",
     "decode_header",
@@ -219,3 +222,97 @@ def pack_frames(
     if current:
         messages.append(current)
     return messages
+
+
+class FrameAssembler:
+    """Whole frames out of chunks that may cut frames anywhere.
+
+    A byte stream cuts frames at random, and the daemon cuts a large frame
+    into several websocket messages (ASGI cannot send message fragments);
+    ``feed`` hands back runs of whole frames. A chunk of whole frames (the
+    usual websocket message) comes back as it is; the parts of a cut frame
+    are kept as they came and joined once, when the frame is complete. The
+    size cap is checked from the header, before more of the frame is kept.
+    What is fed must not change afterwards (``bytes`` never do): runs and
+    kept parts are views of it.
+    """
+
+    __slots__ = ("_have", "_max_buffers", "_max_size", "_need", "_parts")
+
+    def __init__(
+        self, *, max_size: int = DEFAULT_MAX_FRAME_SIZE, max_buffers: int = DEFAULT_MAX_BUFFERS
+    ) -> None:
+        self._max_size = max_size
+        self._max_buffers = max_buffers
+        self._parts: list[bytes | bytearray | memoryview] = []  # the start of a cut frame
+        self._have = 0  # bytes in _parts
+        self._need = 0  # length of the cut frame; 0 while its header is incomplete
+
+    @property
+    def pending(self) -> int:
+        """Bytes of a frame received so far but not complete yet."""
+        return self._have
+
+    def _frame_length(self, data: bytes | bytearray | memoryview) -> int:
+        header = decode_header(data, max_size=self._max_size, max_buffers=self._max_buffers)
+        return header.frame_length
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+        """The runs of whole frames ``data`` completes, in order (maybe none).
+
+        Raises:
+            FrameError: a header is invalid or announces a frame over the cap.
+        """
+        view = memoryview(data).cast("B")
+        end = len(view)
+        runs: list[bytes | bytearray | memoryview] = []
+        offset = 0
+        if self._have:
+            offset = self._complete(view, runs)
+            if offset == end:
+                return runs
+        start = offset
+        need = 0
+        try:
+            while end - offset >= HEADER_SIZE:
+                need = self._frame_length(view[offset:])
+                if offset + need > end:
+                    break
+                offset += need
+                need = 0
+        except FrameError:
+            if offset == start and not runs:
+                raise
+            # The frames before the bad header come first: the receiver
+            # handles them, then raises at the header, in order.
+            runs.append(view[start:])
+            return runs
+        if offset > start:
+            runs.append(data if start == 0 and offset == end else view[start:offset])
+        if offset < end:  # the start of a cut frame: keep it
+            self._parts.append(view[offset:])
+            self._have = end - offset
+            self._need = need
+        return runs
+
+    def _complete(self, view: memoryview, runs: list[bytes | bytearray | memoryview]) -> int:
+        """Continue the cut frame with ``view``; how many bytes of it were used."""
+        used = 0
+        if not self._need:  # its header is still incomplete
+            used = min(HEADER_SIZE - self._have, len(view))
+            self._parts.append(view[:used])
+            self._have += used
+            if self._have < HEADER_SIZE:
+                return used
+            head = b"".join(self._parts)
+            self._parts = [head]
+            self._need = self._frame_length(head)
+        take = min(self._need - self._have, len(view) - used)
+        if take:
+            self._parts.append(view[used : used + take])
+            self._have += take
+            used += take
+        if self._have == self._need:
+            runs.append(b"".join(self._parts))
+            self._parts, self._have, self._need = [], 0, 0
+        return used

@@ -45,7 +45,7 @@ from .exceptions import (
 from .framing import (
     DEFAULT_MAX_BUFFERS,
     DEFAULT_MAX_FRAME_SIZE,
-    HEADER_SIZE,
+    FrameAssembler,
     decode_frame,
     decode_header,
     encode_frame,
@@ -150,7 +150,9 @@ class RpcConnection:
         self.limits = limits or Limits()
         self._codec = codec_named(codec, self.limits.max_depth)
         self._codecs: dict[int, Codec] = {self._codec.codec_id: self._codec}
-        self._buffer = bytearray()
+        self._assembler = FrameAssembler(
+            max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
+        )
         self._events: list[Message] = []
         self._outgoing: list[FramePieces] = []
         self._next_id = 1
@@ -185,27 +187,8 @@ class RpcConnection:
             FrameError: a header is invalid (checked before the body arrives).
             ProtocolError: a frame holds an invalid message.
         """
-        self._buffer += data
-        while len(self._buffer) >= HEADER_SIZE:
-            header = decode_header(
-                self._buffer,
-                max_size=self.limits.max_message_size,
-                max_buffers=self.limits.max_buffers,
-            )
-            size = header.frame_length
-            if len(self._buffer) < size:
-                return
-            frame = bytes(self._buffer[:size])
-            del self._buffer[:size]
-            self.receive_frame(frame)
-
-    def next_frame_size(self) -> int | None:
-        """Byte stream: the size of the frame being received, once its header is in."""
-        if len(self._buffer) < HEADER_SIZE:
-            return None
-        return decode_header(
-            self._buffer, max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
-        ).frame_length
+        for run in self._assembler.feed(data if type(data) is bytes else bytes(data)):
+            self.receive_frame(run)
 
     def receive_frame(self, data: bytes | bytearray | memoryview) -> None:
         """Feed one transport message: one or more whole frames back to back.

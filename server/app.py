@@ -32,7 +32,7 @@ import contextlib
 import json
 import logging
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
@@ -70,6 +70,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_CONNECTIONS = 64
+# Frames larger than this go out cut into messages of this size (see ``_messages``).
+MESSAGE_CHUNK = 1024 * 1024
 # Seconds a client has to finish the TLS and HTTP (websocket upgrade) handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
 # Seconds without receiving anything at all before a connection is dropped;
@@ -106,14 +108,15 @@ class ASGIWebSocketTransport:
     async def send_frame(self, pieces: Sequence[bytes | memoryview]) -> None:
         if self.closed:
             raise ConnectionLostError(f"the websocket is closed ({self.close_reason})")
-        # ASGI has no fragmented send: one message is one bytes object.
-        data = pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
         async with self._lock:
-            try:
-                await self._send({"type": "websocket.send", "bytes": data})
-            except Exception as exc:  # the server's connection is gone
-                self.closed = True
-                raise ConnectionLostError(f"sending failed: {exc!r}") from exc
+            # Once started, the frames are finished: a cut one would corrupt the rest.
+            with anyio.CancelScope(shield=True):
+                for message in _messages(pieces):
+                    try:
+                        await self._send({"type": "websocket.send", "bytes": message})
+                    except Exception as exc:  # the server's connection is gone
+                        self.closed = True
+                        raise ConnectionLostError(f"sending failed: {exc!r}") from exc
 
     async def receive_frame(self) -> bytes:
         if self.closed:
@@ -155,6 +158,38 @@ class ASGIWebSocketTransport:
             await self.close(_GOING_AWAY, "server shutting down")
         else:
             await self.close(_NORMAL, "")
+
+
+def _messages(pieces: Sequence[bytes | memoryview]) -> Iterator[bytes]:
+    """The websocket messages that carry ``pieces``, each a bytes object.
+
+    ASGI sends a message as one bytes object and has no fragments; up to
+    ``MESSAGE_CHUNK`` bytes, the pieces travel joined, as one message. A larger
+    run of frames is cut into messages of that size, which the client joins
+    again (``FrameAssembler``): a 64 MiB reply then never takes more than a
+    few chunks of memory on its way out, where one message would be copied
+    whole three times (joined, framed by wsproto, buffered by the socket).
+    """
+    total = sum(piece.nbytes if isinstance(piece, memoryview) else len(piece) for piece in pieces)
+    if total <= MESSAGE_CHUNK:
+        yield pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
+        return
+    chunk = bytearray()
+    for piece in pieces:
+        view = memoryview(piece).cast("B")
+        while view:
+            if not chunk and len(view) >= MESSAGE_CHUNK:
+                yield bytes(view[:MESSAGE_CHUNK])
+                view = view[MESSAGE_CHUNK:]
+                continue
+            room = MESSAGE_CHUNK - len(chunk)
+            chunk += view[:room]
+            view = view[room:]
+            if len(chunk) == MESSAGE_CHUNK:
+                yield bytes(chunk)
+                chunk.clear()
+    if chunk:
+        yield bytes(chunk)
 
 
 class _Connection:

@@ -255,6 +255,7 @@ class _Internal(_Entry):
         return True
 
     def _on_done(self, job: Job) -> None:
+        self.job = None  # the job refers back to us: no cycle may outlive the work
         try:
             self.value = job.result()
         except BaseException as exc:  # noqa: BLE001 - the waiting task gets it
@@ -382,6 +383,10 @@ class _SyncCall(_Call, _Entry):
 
     def _on_done(self, job: Job) -> None:  # on the server loop, in completion order
         self.state = _DONE
+        # The job refers back to this call: without the cycle, the arguments
+        # and the result (maybe large buffers) go as soon as the reply is sent,
+        # not at the next garbage collection.
+        self.job = None
         conn = self.conn
         try:
             try:
@@ -1037,7 +1042,7 @@ class _Connection:
 
     # -- the writer -------------------------------------------------------------
     async def write_loop(self) -> None:
-        rpc, transport = self.rpc, self.transport
+        rpc = self.rpc
         try:
             while True:
                 if self._flushes:
@@ -1054,9 +1059,7 @@ class _Connection:
                     await self._wakeup.wait()
                     continue
                 self._sending = True
-                # Replies queued together travel together: one message, one write.
-                for message in pack_frames(rpc.data_to_send(), rpc.limits.max_message_size):
-                    await transport.send_frame(message)
+                await self._send_queued()
                 self._sending = False
         except anyio.get_cancelled_exc_class():
             raise
@@ -1070,6 +1073,16 @@ class _Connection:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.set()
+
+    async def _send_queued(self) -> None:
+        """Replies queued together travel together: one message, one write.
+
+        A function of its own, so that the last message sent (maybe a large
+        result) is not kept alive by the writer's locals while it waits.
+        """
+        rpc = self.rpc
+        for message in pack_frames(rpc.data_to_send(), rpc.limits.max_message_size):
+            await self.transport.send_frame(message)
 
     async def _settle(self) -> None:
         """Let producers that are making progress finish their burst first.
@@ -1102,17 +1115,10 @@ class _Connection:
     # -- the reader -------------------------------------------------------------
     async def read_loop(self) -> None:
         rpc, transport = self.rpc, self.transport
-        handlers = _HANDLERS
         with self.reader_scope:
             try:
                 while True:
-                    frame = await transport.receive_frame()
-                    rpc.receive_frame(frame)
-                    for message in rpc.events_received():
-                        try:
-                            handlers[type(message)](self, message)
-                        except Exception:  # a bug must not take the connection down
-                            logger.exception("could not handle %r from %r", message, self)
+                    self._handle_frame(await transport.receive_frame())
                     if not self.alive:
                         return
                     if rpc.has_data_to_send:  # e.g. a TooManyCalls reply the protocol made
@@ -1131,6 +1137,17 @@ class _Connection:
                 logger.exception("receiving from %r failed", self)
                 self.reason = f"receiving failed: {exc!r}"
         self.alive = False
+
+    def _handle_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        """Act on one frame; its own function, so that no local keeps a frame
+        (maybe large) or its messages alive while the reader waits for the next."""
+        rpc = self.rpc
+        rpc.receive_frame(frame)
+        for message in rpc.events_received():
+            try:
+                _HANDLERS[type(message)](self, message)
+            except Exception:  # a bug must not take the connection down
+                logger.exception("could not handle %r from %r", message, self)
 
     def on_call(self, message: Message) -> None:
         assert isinstance(message, Call)

@@ -12,6 +12,7 @@ import os
 import sys
 import threading
 import time
+import weakref
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -31,6 +32,9 @@ SIGNALS: dict[str, anyio.Event] = {}
 CLOSED: list[str] = []
 # How many items each named generator produced.
 PRODUCED: dict[str, int] = {}
+
+# Weak references to the values ``witness`` was given.
+WITNESSED: list[weakref.ref[Any]] = []
 
 _BLOCK_TIMEOUT = 30.0  # a failure bound, never a synchronisation
 
@@ -61,6 +65,12 @@ class Device:
     # -- sync -------------------------------------------------------------------
     @apply_executor
     def echo(self, value: Any) -> Any:
+        return value
+
+    @apply_executor
+    def witness(self, value: Any) -> Any:
+        """``echo`` that keeps a weak reference to its argument."""
+        WITNESSED.append(weakref.ref(value))
         return value
 
     @apply_executor

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import struct
 import tracemalloc
 from typing import Any
@@ -16,6 +17,7 @@ from remote_exec.framing import (
     HEADER_SIZE,
     MAGIC,
     VERSION,
+    FrameAssembler,
     decode_frame,
     decode_header,
     encode_frame,
@@ -186,14 +188,55 @@ def test_receive_data_checks_the_header_before_the_body() -> None:
     with pytest.raises(FrameError, match="size cap"):
         connection.receive_data(raw_frame(b"", rest_length=2000)[:HEADER_SIZE])
     connection = RpcConnection(Side.SERVER)
-    assert connection.next_frame_size() is None
     data = message_frame([1, 1, "", "f", [], {}, False, 0, {}])
     connection.receive_data(data[:HEADER_SIZE])
-    assert connection.next_frame_size() == len(data)
     assert connection.events_received() == []
     connection.receive_data(data[HEADER_SIZE:])
     assert len(connection.events_received()) == 1
-    assert connection.next_frame_size() is None
+
+
+def test_assembler_refuses_a_frame_over_the_cap_from_its_header_alone() -> None:
+    assembler = FrameAssembler(max_size=1000)
+    header = raw_frame(b"", rest_length=2000)[:HEADER_SIZE]
+    assert assembler.feed(header[:10]) == []  # not yet a whole header: kept
+    with pytest.raises(FrameError, match="size cap"):
+        assembler.feed(header[10:])
+
+
+def test_assembler_hands_back_a_message_of_whole_frames_as_it_is() -> None:
+    data = message_frame([1, 1, "", "f", [], {}, False, 0, {}]) * 3
+    assembler = FrameAssembler()
+    runs = assembler.feed(data)
+    assert runs == [data]
+    assert runs[0] is data
+    assert assembler.pending == 0
+
+
+@given(
+    payloads=st.lists(st.binary(max_size=300), min_size=1, max_size=5),
+    cuts=st.lists(st.integers(min_value=0, max_value=2000), max_size=8),
+)
+def test_assembler_gives_back_the_same_frames_however_they_are_cut(
+    payloads: list[bytes], cuts: list[int]
+) -> None:
+    frames = [
+        message_frame([1, 2 * sid + 1, "", "f", [payload], {}, False, 0, {}])
+        for sid, payload in enumerate(payloads)
+    ]
+    data = b"".join(frames)
+    bounds = [0, *sorted({cut % (len(data) + 1) for cut in cuts}), len(data)]
+    assembler = FrameAssembler()
+    runs: list[bytes] = []
+    for start, end in itertools.pairwise(bounds):
+        for run in assembler.feed(data[start:end]):
+            runs.append(bytes(run))
+            assert run[:4] == MAGIC  # every run starts at a frame boundary
+    assert b"".join(runs) == data
+    assert assembler.pending == 0
+    whole = RpcConnection(Side.SERVER)
+    for run in runs:
+        whole.receive_frame(run)
+    assert len(whole.events_received()) == len(frames)
 
 
 # -- hostile bytes ------------------------------------------------------------------------

@@ -21,8 +21,15 @@ from remote_exec.exceptions import (
     RemoteException,
     RemoteExecConnectionError,
 )
+from remote_exec.framing import FrameAssembler
 from remote_exec.protocol import Limits
-from remote_exec.server.app import RemoteExecApp, create_app, hypercorn_config, serve
+from remote_exec.server.app import (
+    MESSAGE_CHUNK,
+    RemoteExecApp,
+    create_app,
+    hypercorn_config,
+    serve,
+)
 from remote_exec.server.dispatch import Dispatcher
 from tests.ws_instruments import Probe, http_get
 
@@ -116,6 +123,35 @@ async def test_calls_through_the_websocket_executor(server: Server) -> None:
             assert await ex.get_remote_objects() == ["probe"]
             big = bytes(range(256)) * 8192  # 2 MiB: sent as several fragments
             assert await probe.echo(big) == big
+
+
+class CountingAssembler(FrameAssembler):
+    """Records the size of every message it is fed."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fed: list[int] = []
+
+    def feed(self, data: bytes | bytearray | memoryview) -> list[bytes | bytearray | memoryview]:
+        self.fed.append(len(data))
+        return super().feed(data)
+
+
+async def test_a_large_reply_travels_cut_into_messages_and_arrives_whole(server: Server) -> None:
+    async with WebSocketExecutor(server.url, token=TOKEN) as ex:
+        assert ex._websocket is not None
+        assembler = ex._websocket._assembler = CountingAssembler()
+        probe = Probe()
+        async with ex.remote_instance(probe, "probe"):
+            assembler.fed.clear()
+            big = bytes(range(256)) * (14 * 1024)  # 3.5 MiB
+            assert await probe.echo((big, "after")) == (big, "after")
+            # The daemon cut the reply into messages of MESSAGE_CHUNK bytes.
+            assert len(assembler.fed) == 4
+            assert assembler.fed[:3] == [MESSAGE_CHUNK] * 3
+            assert sum(assembler.fed) > len(big)
+            assert assembler.pending == 0
+            assert await probe.echo(b"small") == b"small"  # the stream goes on after it
 
 
 async def test_json_codec(server: Server) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import gc
 import sys
 import threading
 from collections import defaultdict, deque
@@ -14,6 +15,7 @@ from typing import Any
 import anyio
 import anyio.lowlevel
 import msgpack
+import numpy as np
 import pytest
 
 from remote_exec.exceptions import (
@@ -247,6 +249,24 @@ async def test_create_twice_and_exist_ok() -> None:
         args[1] = "Plain"
         with pytest.raises(DuplicateInstanceError):
             await client.invoke("", "create_instance", *args)
+
+
+async def test_a_finished_call_frees_its_arguments_at_once() -> None:
+    """Nothing (a local, a reference cycle) keeps a large argument alive until
+    the next garbage collection: a daemon echoing 16 MiB arrays would hold
+    several of them at once."""
+    instruments.WITNESSED.clear()
+    gc.disable()
+    try:
+        async with serving() as dispatcher, connect(dispatcher) as client:
+            await client.create("dev")
+            array = np.arange(1024, dtype=np.float64)
+            assert (await client.invoke("dev", "witness", array) == array).all()
+            assert await client.invoke("dev", "echo", 1) == 1  # the first reply was sent
+            [seen] = instruments.WITNESSED
+            assert seen() is None  # the server's copy is gone, without a collection
+    finally:
+        gc.enable()
 
 
 async def test_instances_are_shared_by_connections() -> None:
