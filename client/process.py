@@ -26,10 +26,11 @@ from collections.abc import Mapping, Sequence
 
 import anyio
 import sniffio
-from anyio.abc import Process, SocketStream
+from anyio.abc import Process
 
 from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
+from remote_exec.sockets import socket_stream
 from remote_exec.transport import FrameTransport, StreamTransport
 
 from .remote import RemoteExecutor
@@ -164,7 +165,7 @@ class ProcessExecutor(RemoteExecutor):
                 finally:
                     theirs.close()
                     os.close(pipe_read)
-            stream = await SocketStream.from_socket(ours)
+            stream = await socket_stream(ours)
         except BaseException:
             ours.close()
             theirs.close()

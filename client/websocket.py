@@ -34,6 +34,7 @@ from remote_exec.exceptions import ConnectionLostError, RemoteExecConnectionErro
 from remote_exec.framing import DEFAULT_MAX_FRAME_SIZE, FrameAssembler
 from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
+from remote_exec.sockets import connect_tcp
 from remote_exec.transport import FrameTransport
 
 from .remote import RemoteExecutor
@@ -459,7 +460,7 @@ async def connect_websocket(
                         uri.host, uri.port, ssl_context=context, tls_hostname=uri.host
                     )
                 else:
-                    stream = await anyio.connect_tcp(uri.host, uri.port)
+                    stream = await connect_tcp(uri.host, uri.port)
             except OSError as exc:
                 raise RemoteExecConnectionError(f"could not connect to {url}: {exc}") from exc
             except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:  # TLS handshake

@@ -43,10 +43,10 @@ import threading
 from collections.abc import Sequence
 
 import anyio
-from anyio.abc import SocketStream
 
 from remote_exec.exceptions import ConnectionLostError
 from remote_exec.protocol import Limits
+from remote_exec.sockets import socket_stream
 from remote_exec.transport import StreamTransport
 
 from .dispatch import Dispatcher
@@ -129,7 +129,7 @@ async def _serve(
         limits=limits,
         close_grace=_EXIT_GRACE / 2,
     )
-    stream = await SocketStream.from_socket(socket.socket(fileno=fd))
+    stream = await socket_stream(socket.socket(fileno=fd))
     link = _ParentLink(stream, max_size=limits.max_message_size, max_buffers=limits.max_buffers)
     try:
         await dispatcher.serve(link, peer=f"parent process {os.getppid()}")
