@@ -56,7 +56,10 @@ def probe(name: str) -> None:
     except (ImportError, Unavailable) as exc:
         emit({"available": False, "reason": describe(exc)})
         return
-    workloads = [w for w in WORKLOADS if w in getattr(module, "WORKLOADS", WORKLOADS)]
+    supported = getattr(module, "WORKLOADS", WORKLOADS)
+    if "workloads" in subject.options:
+        supported = subject.options["workloads"].split(",")
+    workloads = [w for w in WORKLOADS if w in supported]
     emit({"available": True, "workloads": workloads, "versions": _versions(module)})
 
 

@@ -100,6 +100,33 @@ _SUBJECTS = [
         ours=True,
         smoke=True,
     ),
+    Subject(
+        "remote-exec process, blocking=False",
+        "remote_exec_subject",
+        "process",
+        FLOOR_TCP,
+        {
+            "executor": "process",
+            "backend": "asyncio",
+            "method": "echo_nonblocking",
+            "workloads": "W1,W2,W3",
+        },
+        ours=True,
+    ),
+    Subject(
+        "remote-exec websocket msgpack asyncio, blocking=False",
+        "remote_exec_subject",
+        "network",
+        FLOOR_HYPERCORN,
+        {
+            "executor": "websocket",
+            "codec": "msgpack",
+            "backend": "asyncio",
+            "method": "echo_nonblocking",
+            "workloads": "W1,W2,W3",
+        },
+        ours=True,
+    ),
     *(
         Subject(
             f"remote-exec websocket {codec} {backend}",

@@ -27,6 +27,11 @@ else:
         def echo(self, x: object) -> object:
             return x
 
+        @apply_executor(blocking=False)
+        def echo_nonblocking(self, x: object) -> object:
+            """``echo`` declared non-blocking: a server runs it on its event loop."""
+            return x
+
         @apply_generator_executor
         def stream(self, n: int) -> Iterator[int]:
             yield from range(n)

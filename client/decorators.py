@@ -62,34 +62,54 @@ def _is_generator(func: Callable[..., Any]) -> bool:
 
 @overload
 def apply_executor(
-    func: Callable[Concatenate[S, P], Awaitable[R]], *, callback: Callback = None
+    func: Callable[Concatenate[S, P], Awaitable[R]],
+    *,
+    callback: Callback = None,
+    blocking: bool = True,
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]: ...
 @overload
 def apply_executor(
-    func: Callable[Concatenate[S, P], R], *, callback: Callback = None
+    func: Callable[Concatenate[S, P], R], *, callback: Callback = None, blocking: bool = True
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]: ...
 @overload
-def apply_executor(func: None = None, *, callback: Callback = None) -> _ExecutorDecorator: ...
+def apply_executor(
+    func: None = None, *, callback: Callback = None, blocking: bool = True
+) -> _ExecutorDecorator: ...
 
 
-def apply_executor(func: Callable[..., Any] | None = None, *, callback: Callback = None) -> Any:
+def apply_executor(
+    func: Callable[..., Any] | None = None, *, callback: Callback = None, blocking: bool = True
+) -> Any:
     """Run a sync or async method through the active executor; always awaited.
 
     Args:
         func: the method (or omit it to pass options: ``@apply_executor(callback=...)``).
         callback: a method of the same class (or its name, or ``NO_CALLBACK``)
             called with the return value on the calling side, in call order.
+        blocking: ``False`` promises that a sync method returns at once (no
+            I/O, no sleep, no lock): a remote server (process or daemon) then
+            runs it on its event loop, in the instance's turn, instead of
+            handing it to the instance's thread and back (two thread
+            wake-ups per call). A method that does block then stalls the whole
+            server while it runs. ``ThreadExecutor`` always uses the thread.
 
     Raises:
-        TypeError: ``func`` is a generator (use ``apply_generator_executor``).
+        TypeError: ``func`` is a generator (use ``apply_generator_executor``),
+            or ``blocking=False`` is given for an async method (which runs on
+            the event loop anyway).
     """
     if func is None:
-        return functools.partial(apply_executor, callback=callback)
+        return functools.partial(apply_executor, callback=callback, blocking=blocking)
     if _is_generator(func):
         raise TypeError(
             f"{func.__qualname__} is a generator: decorate it with apply_generator_executor"
         )
     is_async = inspect.iscoroutinefunction(func)
+    if is_async and not blocking:
+        raise TypeError(
+            f"{func.__qualname__} is async: it runs on the event loop already, "
+            "blocking=False is for sync methods"
+        )
     name = func.__name__
 
     @functools.wraps(func)
@@ -105,7 +125,7 @@ def apply_executor(func: Callable[..., Any] | None = None, *, callback: Callback
             bound(result)
         return result
 
-    wrapper.__remote_exec__ = RemoteMethod(name, func, False, is_async, callback)  # type: ignore[attr-defined]
+    wrapper.__remote_exec__ = RemoteMethod(name, func, False, is_async, callback, blocking)  # type: ignore[attr-defined]
     return wrapper
 
 

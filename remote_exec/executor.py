@@ -76,6 +76,9 @@ class RemoteMethod:
     is_generator: bool
     is_async: bool
     callback: Callable[..., Any] | str | None
+    # False: a sync method that never blocks, which a server may run on its
+    # event loop instead of in the instance's thread (``apply_executor``).
+    blocking: bool = True
 
 
 @functools.lru_cache(maxsize=4096)

@@ -118,7 +118,8 @@ class _Entry:
     pipelined = False
 
     def start(self) -> bool:
-        """Called when the entry becomes the head; False: skip it (it is dropped)."""
+        """Called when the entry becomes the head; False: it is not running
+        (skipped, or already finished) and leaves the queue."""
         raise NotImplementedError
 
 
@@ -423,6 +424,37 @@ class _SyncCall(_Call, _Entry):
 
     def release(self) -> None:
         self.on_cancel()
+
+
+class _InlineCall(_SyncCall):
+    """A sync method declared non-blocking (``apply_executor(blocking=False)``).
+
+    It runs on the server's loop when its turn in the instance's FIFO comes
+    (after the calls before it, threaded ones included, have finished), and
+    is answered at once: no hop to the instance's thread and back.
+    """
+
+    __slots__ = ()
+    pipelined = False
+
+    def start(self) -> bool:
+        conn = self.conn
+        self.state = _DONE
+        if conn.alive:
+            try:
+                value = self._run()
+            except BaseException as exc:  # any outcome of user code is the caller's
+                if isinstance(exc, KeyboardInterrupt):
+                    raise
+                conn.fail(self.sid, exc)
+            else:
+                conn.reply(self.sid, value)
+                if self.method is not None:
+                    conn.dispatcher.publish_execute(
+                        self.instance.name, self.method, self.args, self.kwargs, value
+                    )
+        conn.forget(self)
+        return False  # already finished: the next entry may start
 
 
 class _AsyncCall(_Call, _Entry):
@@ -1432,7 +1464,8 @@ class Dispatcher:
                 conn, sid, instance, marker, message.args, message.kwargs, conn.runner_for(instance)
             )
         else:
-            call = _SyncCall(
+            call_class = _SyncCall if marker.blocking else _InlineCall
+            call = call_class(
                 conn, sid, instance, marker.func, message.args, message.kwargs, marker.name
             )
         conn.calls[sid] = call

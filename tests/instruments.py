@@ -83,6 +83,16 @@ class Device:
         self.log.append(item)
         return item
 
+    @apply_executor(blocking=False)
+    def quick_record(self, item: Any) -> tuple[Any, str]:
+        """``record``, declared non-blocking: says which thread ran it."""
+        self.log.append(item)
+        return item, threading.current_thread().name
+
+    @apply_executor(blocking=False)
+    def quick_fail(self, message: str) -> None:
+        raise KeyError(message)
+
     @apply_executor
     def get_log(self) -> list[Any]:
         return list(self.log)

@@ -13,6 +13,7 @@ Optional attributes:
 
 ``WORKLOADS``
     The workloads it supports (default: all); the others are reported as n/a.
+    A subject's ``workloads`` option (comma-separated) narrows it per row.
 ``BACKEND``
     ``"asyncio"`` (default) or ``"trio"``: the event loop an async ``run``
     runs on; ``params.options["backend"]`` overrides it.

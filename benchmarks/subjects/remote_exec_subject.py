@@ -10,7 +10,9 @@
     to import ``benchmarks.workloads`` and running on the same backend as the
     client; its URL is read from the first line of its stdout that holds ``ws://``.
 
-The client runs on ``options["backend"]`` (asyncio or trio). W2 uses one
+The client runs on ``options["backend"]`` (asyncio or trio); ``options["method"]``
+names the ``Echo`` method W1-W3 call (default ``echo``; ``echo_nonblocking`` is
+declared ``blocking=False``, so the server runs it on its event loop). W2 uses one
 executor (one connection) and one instance per caller: calls to one instance
 are serialised by contract, calls to different instances run concurrently.
 Each executor is reported "not available" until remote-exec has it.
@@ -93,12 +95,14 @@ async def run(workload: Workload, params: Params) -> float:
         objs = [workloads.Echo() for _ in range(params.w2_callers if workload == "W2" else 1)]
         for i, obj in enumerate(objs):
             await stack.enter_async_context(executor.remote_instance(obj, f"echo{i}"))
+        method = params.options.get("method", "echo")
+        echoes = [getattr(obj, method) for obj in objs]
         match workload:
             case "W1":
-                return await h.w1_latency(objs[0].echo, params)
+                return await h.w1_latency(echoes[0], params)
             case "W2":
-                return await h.w2_concurrency([obj.echo for obj in objs], params)
+                return await h.w2_concurrency(echoes, params)
             case "W3":
-                return await h.w3_bulk(objs[0].echo, params)
+                return await h.w3_bulk(echoes[0], params)
             case "W4":
                 return await h.w4_stream(objs[0].stream, params)

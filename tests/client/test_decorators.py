@@ -187,6 +187,35 @@ def test_apply_executor_refuses_generators() -> None:
             yield 1
 
 
+def test_blocking_false_is_for_sync_methods_only() -> None:
+    with pytest.raises(TypeError, match="blocking=False is for sync methods"):
+
+        @apply_executor(blocking=False)
+        async def coro(self: object) -> int:
+            return 1
+
+    @apply_executor(blocking=False)
+    def quick(self: object) -> int:
+        return 1
+
+    assert quick.__remote_exec__.blocking is False  # type: ignore[attr-defined]
+    assert apply_executor(quick.__wrapped__).__remote_exec__.blocking is True  # type: ignore[attr-defined]
+
+
+async def test_thread_executor_runs_non_blocking_methods_in_the_thread_too() -> None:
+    """ThreadExecutor's promise holds: every call runs in the instance's thread."""
+
+    class Meter:
+        @apply_executor(blocking=False)
+        def where(self) -> str:
+            return threading.current_thread().name
+
+    async with ThreadExecutor() as ex:
+        meter = Meter()
+        await ex.ensure_remote_instance(meter, "meter")
+        assert await meter.where() == "remote-exec worker meter"
+
+
 def test_apply_generator_executor_refuses_plain_functions() -> None:
     with pytest.raises(TypeError, match="apply_executor"):
 

@@ -43,6 +43,9 @@ async def test_calls_async_methods_and_generators() -> None:
             async with ex.remote_instance(dev, "dev", 3, label="cam"):
                 assert await dev.add(4) == 4
                 assert await dev.async_add(1) == 5
+                # Declared non-blocking: the child runs it on its event loop.
+                assert await dev.quick_record("q") == ("q", "MainThread")
+                assert await dev.thread_name() != "MainThread"
                 assert dev.value == 0  # the twin changed, not the local object
                 assert await dev.pid() == ex.pid != os.getpid()
                 async with dev.count(200) as items:

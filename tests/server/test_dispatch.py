@@ -438,6 +438,55 @@ async def test_calls_to_one_instance_run_in_arrival_order() -> None:
         assert log == ["unblocked go", *range(50)]
 
 
+async def test_a_non_blocking_method_runs_on_the_loop_in_its_turn() -> None:
+    async with serving() as dispatcher, connect(dispatcher) as client:
+        await client.create("dev")
+        worker_thread = await client.invoke("dev", "thread_name")
+        assert await client.invoke("dev", "quick_record", "first") == (
+            "first",
+            threading.current_thread().name,  # the server's loop: this test's thread
+        )
+        blocker = await client.call("dev", "block", "go")
+        await running("go")
+        # Queued behind the blocked threaded call, mixed with threaded ones.
+        sids = [
+            await client.call("dev", "quick_record" if i % 2 else "record", i) for i in range(10)
+        ]
+        await until(functools.partial(queued, dispatcher, 10))
+        gate("go").set()
+        assert await client.result(blocker) == "go"
+        results = [await client.result(sid) for sid in sids]
+        assert [r[0] if i % 2 else r for i, r in enumerate(results)] == list(range(10))
+        assert {r[1] for r in results[1::2]} == {threading.current_thread().name}
+        assert worker_thread != threading.current_thread().name
+        log = await client.invoke("dev", "get_log")
+        assert log == ["first", "unblocked go", *range(10)]
+        # A failure is the caller's, as from the thread; the instance serves on.
+        with pytest.raises(KeyError, match="gone") as info:
+            await client.invoke("dev", "quick_fail", "gone")
+        assert isinstance(info.value, RemoteException)
+        assert await client.invoke("dev", "quick_record", "after") == (
+            "after",
+            threading.current_thread().name,
+        )
+
+
+async def test_a_non_blocking_call_cancelled_while_queued_never_runs() -> None:
+    async with serving() as dispatcher, connect(dispatcher) as client:
+        await client.create("dev")
+        blocker = await client.call("dev", "block", "go")
+        await running("go")
+        sid = await client.call("dev", "quick_record", "never")
+        await until(functools.partial(queued, dispatcher, 1))
+        await client.cancel(sid)
+        message = await client.next(sid)
+        assert isinstance(message, Failure)
+        assert "cancelled" in message.message
+        gate("go").set()
+        assert await client.result(blocker) == "go"
+        assert await client.invoke("dev", "get_log") == ["unblocked go"]
+
+
 async def test_order_holds_across_connections() -> None:
     async with serving() as dispatcher, connect(dispatcher) as one, connect(dispatcher) as two:
         await one.create("dev")
