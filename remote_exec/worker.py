@@ -10,8 +10,10 @@ FIFO entry point (``loop.call_soon_threadsafe`` for asyncio,
     submit(fn, *args) --append to deque; wake------> _run_ready: pop, call fn
                         (only if the worker is       (a coroutine is handed to
                          idle and not woken yet)      the runner task, awaited)
-    job.wait() <--------- call_soon(_complete) ----- one hand-off per finished job
-      on_done(job) runs here, in completion order
+    job.wait() <---- inbox: _complete ------------- one hand-off per finished job
+      on_done(job) runs here, in completion order   (the caller loop's inbox, shared
+                                                     by all its workers, wakes it
+                                                     once per batch of hand-offs)
 
 Invariants:
 
@@ -32,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import logging
 import threading
 from collections import deque
 from collections.abc import Callable
@@ -42,16 +45,74 @@ import anyio
 import anyio.lowlevel
 import sniffio
 import trio
+from anyio.lowlevel import RunVar
 
 from .exceptions import ExecutorStateError
 
 __all__ = ["InstanceWorker", "Job"]
+
+logger = logging.getLogger("remote_exec.worker")
 
 QUEUED: Final = "queued"
 RUNNING: Final = "running"
 DONE: Final = "done"
 CANCELLED: Final = "cancelled"
 _FINAL = (DONE, CANCELLED)
+
+
+class _Inbox:
+    """Hand-backs from every worker thread to one loop, one wake-up per batch.
+
+    A loop's thread-safe entry point writes to its wake-up pipe on every call;
+    with many instances busy, completions come faster than the loop turns.
+    They queue here instead, and only the first of a batch schedules the
+    drain. Each thread's hand-backs keep their order.
+    """
+
+    __slots__ = ("_call_soon", "_items", "_lock", "_scheduled")
+
+    def __init__(self, call_soon: Callable[..., object]) -> None:
+        self._call_soon = call_soon
+        self._lock = threading.Lock()
+        self._items: deque[tuple[Callable[..., object], tuple[Any, ...]]] = deque()
+        self._scheduled = False
+
+    def put(self, fn: Callable[..., object], *args: Any) -> None:
+        """From any thread. Raises what the loop's entry point raises once it is gone."""
+        with self._lock:
+            self._items.append((fn, args))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self._call_soon(self._drain)
+        except BaseException:
+            with self._lock:
+                self._scheduled = False
+            raise
+
+    def _drain(self) -> None:
+        with self._lock:
+            items, self._items = self._items, deque()
+            self._scheduled = False
+        for fn, args in items:
+            try:
+                fn(*args)
+            except Exception:  # one failing hand-back must not drop the others
+                logger.exception("a worker's hand-back %r failed", fn)
+
+
+_INBOX: RunVar[_Inbox] = RunVar("remote_exec_worker_inbox")
+
+
+def _inbox(call_soon: Callable[..., object]) -> _Inbox:
+    """The running loop's inbox (one per loop, shared by its workers)."""
+    try:
+        return _INBOX.get()
+    except LookupError:
+        inbox = _Inbox(call_soon)
+        _INBOX.set(inbox)
+        return inbox
 
 
 class _Loop:
@@ -269,6 +330,7 @@ class InstanceWorker:
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
         self._thread: threading.Thread | None = None
         self._caller: _Loop | None = None
+        self._inbox: _Inbox | None = None
         self._worker: _Loop | None = None
         self._call_worker: Callable[..., object] = _not_started
         self._ready: anyio.Event | None = None
@@ -307,6 +369,7 @@ class InstanceWorker:
             raise ExecutorStateError(f"{self!r} cannot be started twice")
         self._state = "starting"
         self._caller = _Loop()
+        self._inbox = _inbox(self._caller.call_soon)
         self._ready = anyio.Event()
         self._exited = anyio.Event()
         thread = threading.Thread(
@@ -425,10 +488,10 @@ class InstanceWorker:
             self._send_to_caller(self._on_exit, failure)
 
     def _send_to_caller(self, fn: Callable[..., object], *args: Any) -> None:
-        caller = self._caller
-        assert caller is not None
+        inbox = self._inbox
+        assert inbox is not None
         try:
-            caller.call_soon(fn, *args)
+            inbox.put(fn, *args)
         except (RuntimeError, trio.RunFinishedError):
             pass  # the caller's loop is gone: nobody is left to tell
 

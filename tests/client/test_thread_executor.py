@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager
 from typing import Any
 
@@ -22,7 +22,7 @@ from remote_exec.exceptions import (
     UnknownInstanceError,
 )
 from remote_exec.executor import NO_CALLBACK, ExecutorContext
-from remote_exec.worker import InstanceWorker, Job
+from remote_exec.worker import InstanceWorker, Job, _Inbox
 
 pytestmark = pytest.mark.anyio
 
@@ -688,6 +688,66 @@ async def test_worker_runs_mixed_jobs_in_order_with_on_done_in_order(busy: bool)
     assert worker.state == "stopped"
     with pytest.raises(ExecutorStateError, match="stopped"):
         worker.submit(ran.append, 1)
+
+
+async def test_workers_share_their_loops_inbox_and_keep_each_ones_order() -> None:
+    workers = [InstanceWorker(f"w{i}") for i in range(4)]
+    done: dict[str, list[int]] = {worker.name: [] for worker in workers}
+    for worker in workers:
+        await worker.start()
+    try:
+        assert len({id(worker._inbox) for worker in workers}) == 1
+
+        def recorder(name: str) -> Callable[[Job], None]:
+            return lambda job: done[name].append(job.result())
+
+        jobs = [
+            worker.submit(int, str(i), on_done=recorder(worker.name))
+            for i in range(200)
+            for worker in workers
+        ]
+        with anyio.fail_after(WAIT):
+            for job in jobs:
+                await job.wait()
+        assert done == {worker.name: list(range(200)) for worker in workers}
+    finally:
+        for worker in workers:
+            await worker.stop()
+
+
+def test_an_inbox_wakes_its_loop_once_per_batch() -> None:
+    wakes: list[Callable[[], object]] = []
+    inbox = _Inbox(wakes.append)
+    seen: list[int] = []
+
+    def broken(i: int) -> None:
+        raise RuntimeError(f"hand-back {i} failed")
+
+    def put_from_a_thread(*items: tuple[Callable[[int], object], int]) -> None:
+        def put_all() -> None:
+            for fn, i in items:
+                inbox.put(fn, i)
+
+        thread = threading.Thread(target=put_all)
+        thread.start()
+        thread.join(WAIT)
+
+    put_from_a_thread((seen.append, 1), (broken, 2), (seen.append, 3))
+    assert len(wakes) == 1  # one wake-up for the three
+    wakes.pop()()  # the loop runs the drain: a failing hand-back does not drop the others
+    assert seen == [1, 3]
+    put_from_a_thread((seen.append, 4))
+    assert len(wakes) == 1  # a new batch, a new wake-up
+    wakes.pop()()
+    assert seen == [1, 3, 4]
+
+    def closed_loop(fn: Callable[[], object]) -> None:
+        raise RuntimeError("Event loop is closed")
+
+    dead = _Inbox(closed_loop)
+    for _ in range(2):  # each put tries again: a failed wake-up is not left pending
+        with pytest.raises(RuntimeError, match="closed"):
+            dead.put(seen.append, 5)
 
 
 async def test_worker_on_done_exception_becomes_the_outcome() -> None:
