@@ -1,7 +1,8 @@
 """``InstanceWorker``: a dedicated thread with its own event loop that runs jobs in order.
 
 The thread runs the same anyio backend as the loop that started it (asyncio or
-trio). Jobs go in and results come back through each loop's own thread-safe,
+trio), or no loop at all for a worker of sync jobs only (``coroutines=False``:
+the daemon's instances), which then sleeps on a plain queue. Jobs go in and results come back through each loop's own thread-safe,
 FIFO entry point (``loop.call_soon_threadsafe`` for asyncio,
 ``TrioToken.run_sync_soon`` for trio), so neither side ever blocks the other::
 
@@ -38,6 +39,7 @@ import logging
 import threading
 from collections import deque
 from collections.abc import Callable
+from queue import SimpleQueue
 from types import CoroutineType
 from typing import Any, Final
 
@@ -323,8 +325,14 @@ class InstanceWorker:
     method called from a job runs locally, in the worker.
     """
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, *, coroutines: bool = True) -> None:
+        """``coroutines=False``: the jobs are sync functions only (the daemon's
+        instances, whose async methods run on the daemon's loop). The thread
+        then has no event loop and waits on a plain queue: waking it costs a
+        futex, not a write to a loop's wake-up pipe and a turn of that loop.
+        """
         self.name = name
+        self._coroutines = coroutines
         self._lock = threading.Lock()
         self._queue: deque[Job] = deque()
         self._state = "new"  # new -> starting -> running -> stopping -> stopped
@@ -481,7 +489,10 @@ class InstanceWorker:
     def _thread_main(self) -> None:
         failure: BaseException | None = None
         try:
-            anyio.run(self._main, backend=self._caller.backend if self._caller else "asyncio")
+            if self._coroutines:
+                anyio.run(self._main, backend=self._caller.backend if self._caller else "asyncio")
+            else:
+                self._main_without_loop()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller's loop
             failure = exc
         finally:
@@ -540,6 +551,19 @@ class InstanceWorker:
             if type(result) is CoroutineType:
                 await result
 
+    def _main_without_loop(self) -> None:
+        """``_main`` for sync jobs only: wake-ups arrive through a plain queue."""
+        wakeups: SimpleQueue[Callable[[], object]] = SimpleQueue()
+        self._call_worker = wakeups.put
+        # Always "parked": every submit that finds no wake-up on its way sends one.
+        self._parked = _NO_LOOP
+        self._send_to_caller(self._on_ready, None)
+        while not self._shutdown:
+            wakeups.get()()
+        finalize, self._finalize = self._finalize, None
+        if finalize is not None:
+            finalize()
+
     def _take(self, job: Job) -> Job | None:
         """Mark a dequeued job running, unless it was cancelled while queued."""
         with self._lock:
@@ -590,6 +614,12 @@ class InstanceWorker:
                 self._send_to_caller(job._complete, None, error, False)
                 continue
             if type(value) is CoroutineType:
+                if not self._coroutines:
+                    value.close()
+                    self._current = None
+                    refusal = TypeError(f"{job!r} returned a coroutine: this worker has no loop")
+                    self._send_to_caller(job._complete, None, refusal, False)
+                    continue
                 self._handover = (job, value)
                 self._unpark()
                 return
@@ -598,7 +628,7 @@ class InstanceWorker:
 
     def _unpark(self) -> None:
         waiter = self._parked
-        if waiter is not None:
+        if waiter is not None and waiter is not _NO_LOOP:
             self._parked = None
             _Loop.wake(waiter)
 
@@ -611,6 +641,10 @@ class InstanceWorker:
         if job is not None:
             job._cancel_in_worker()
         self._unpark()
+
+
+# ``_parked`` of a worker without a loop (see ``_main_without_loop``).
+_NO_LOOP: Any = object()
 
 
 def _not_started(*args: Any) -> None:

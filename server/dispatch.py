@@ -1700,7 +1700,7 @@ class Dispatcher:
             for prop in config:
                 if prop not in allowed or not isinstance(prop, str) or prop.startswith("__"):
                     raise NotAllowedError(f"{prop!r} is not in {qualname}._config_props_")
-            worker = InstanceWorker(name)
+            worker = InstanceWorker(name, coroutines=False)  # async methods run on our loop
             await worker.start()
             try:
                 job = worker.submit(_construct, cls, args, kwargs, config)

@@ -715,6 +715,43 @@ async def test_workers_share_their_loops_inbox_and_keep_each_ones_order() -> Non
             await worker.stop()
 
 
+async def test_a_worker_without_a_loop_runs_sync_jobs_in_order_and_refuses_coroutines() -> None:
+    worker = InstanceWorker("plain", coroutines=False)
+    started, release = threading.Event(), threading.Event()
+    ran: list[int] = []
+    finalized: list[str] = []
+
+    def block() -> str:
+        started.set()
+        assert release.wait(WAIT)
+        return threading.current_thread().name
+
+    async def coro() -> int:
+        return 1
+
+    await worker.start()
+    try:
+        blocker = worker.submit(block)
+        await wait_thread_event(started)
+        jobs = [worker.submit(ran.append, i) for i in range(20)]
+        refused = worker.submit(coro)
+        dropped = worker.submit(ran.append, -1)
+        dropped.cancel()  # queued: it never runs
+        release.set()
+        with anyio.fail_after(WAIT):
+            assert await blocker.wait() == "remote-exec worker plain"
+            for job in jobs:
+                await job.wait()
+            with pytest.raises(TypeError, match="no loop"):
+                await refused.wait()
+        assert dropped.state == "cancelled"
+        assert ran == list(range(20))
+    finally:
+        await worker.stop(finalize=lambda: finalized.append(threading.current_thread().name))
+    assert finalized == ["remote-exec worker plain"]
+    assert worker.state == "stopped"
+
+
 def test_an_inbox_wakes_its_loop_once_per_batch() -> None:
     wakes: list[Callable[[], object]] = []
     inbox = _Inbox(wakes.append)
