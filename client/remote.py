@@ -301,7 +301,7 @@ class RemoteExecutor(Executor):
 
         One task writes at a time and drains the queue for everyone: a caller
         that finds a writer at work leaves its frame to it (no lock, so no
-        extra trip through the event loop on the hot path). A reply can only
+        extra trip through the event loop for a lone call). A reply can only
         come after the frame went out, and a failed write fails every waiter.
         """
         if self._flushing:
@@ -309,6 +309,12 @@ class RemoteExecutor(Executor):
         assert self._transport is not None
         self._flushing = True
         try:
+            if len(self._waiters) > 1:
+                # Other calls are in flight: their callers, woken by the same
+                # batch of replies, may be about to send too. One turn of the
+                # loop lets their frames join this message (one write, one
+                # websocket frame, one read on the server, instead of one each).
+                await anyio.lowlevel.cancel_shielded_checkpoint()
             while frames := self._connection.data_to_send():
                 for message in pack_frames(frames, self.limits.max_message_size):
                     await self._transport.send_frame(message)
