@@ -398,14 +398,18 @@ class _SyncCall(_Call, _Entry):
                     error = CallCancelledError("the call was cancelled before it started")
                 conn.fail(self.sid, error)
             else:
-                conn.reply(self.sid, value)
-                if self.method is not None:
-                    conn.dispatcher.publish_execute(
-                        self.instance.name, self.method, self.args, self.kwargs, value
-                    )
+                self._answer(value)
             conn.forget(self)
         finally:
             self.instance.finish(self)
+
+    def _answer(self, value: Any) -> None:
+        """Reply with ``value`` and tell the "execute" channel."""
+        self.conn.reply(self.sid, value)
+        if self.method is not None:
+            self.conn.dispatcher.publish_execute(
+                self.instance.name, self.method, self.args, self.kwargs, value
+            )
 
     def on_cancel(self) -> None:
         # Queued (here or in the worker): it never starts. Running: it finishes
@@ -448,11 +452,7 @@ class _InlineCall(_SyncCall):
                     raise
                 conn.fail(self.sid, exc)
             else:
-                conn.reply(self.sid, value)
-                if self.method is not None:
-                    conn.dispatcher.publish_execute(
-                        self.instance.name, self.method, self.args, self.kwargs, value
-                    )
+                self._answer(value)
         conn.forget(self)
         return False  # already finished: the next entry may start
 

@@ -77,13 +77,17 @@ async def test_a_reader_that_falls_behind_holds_back_the_writer_and_loses_nothin
         assert bytes(received) == payload
 
 
-async def test_the_peer_closing_ends_the_stream() -> None:
+@pytest.mark.parametrize("how", ["close", "half-close"])
+async def test_the_peer_closing_ends_the_stream(how: str) -> None:
     async with stream_pair() as (a, b):
         await a.send(b"last words")
-        await a.aclose()
+        await (a.aclose() if how == "close" else a.send_eof())
         assert await receive_exactly(b, 10) == b"last words"
         with pytest.raises(anyio.EndOfStream):
             await b.receive()
+        if how == "half-close":
+            await b.send(b"still open this way")  # the other half still works
+            assert await receive_exactly(a, 19) == b"still open this way"
 
 
 async def send_until_it_fails(stream: ByteStream) -> None:
@@ -97,17 +101,6 @@ async def test_sending_to_a_closed_stream_fails_clearly() -> None:
         await a.aclose()
         with pytest.raises((anyio.BrokenResourceError, anyio.ClosedResourceError)):
             await send_until_it_fails(b)
-
-
-async def test_send_eof_half_closes() -> None:
-    async with stream_pair() as (a, b):
-        await a.send(b"done")
-        await a.send_eof()
-        assert await receive_exactly(b, 4) == b"done"
-        with pytest.raises(anyio.EndOfStream):
-            await b.receive()
-        await b.send(b"still open this way")  # the other half still works
-        assert await receive_exactly(a, 19) == b"still open this way"
 
 
 async def test_connect_tcp_reaches_a_listener_on_loopback() -> None:
