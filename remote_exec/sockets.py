@@ -19,11 +19,12 @@ from __future__ import annotations
 import asyncio
 import socket
 from collections import deque
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
 import sniffio
-from anyio.abc import ByteStream, SocketStream
+from anyio.abc import ByteStream, SocketAttribute, SocketStream
 
 __all__ = ["ProtocolStream", "connect_tcp", "socket_stream"]
 
@@ -137,8 +138,21 @@ class ProtocolStream(ByteStream):
                 transport.abort()  # ...for one loop turn, as with anyio's stream
 
     @property
-    def extra_attributes(self) -> Any:
-        return {}
+    def extra_attributes(self) -> Mapping[Any, Callable[[], Any]]:
+        """anyio's ``SocketAttribute`` values, as its own socket streams give them."""
+        sock = self._transport.get_extra_info("socket")
+        if sock is None:
+            return {}
+        attributes: dict[Any, Callable[[], Any]] = {
+            SocketAttribute.raw_socket: lambda: sock,
+            SocketAttribute.family: lambda: sock.family,
+            SocketAttribute.local_address: sock.getsockname,
+            SocketAttribute.remote_address: sock.getpeername,
+        }
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            attributes[SocketAttribute.local_port] = lambda: sock.getsockname()[1]
+            attributes[SocketAttribute.remote_port] = lambda: sock.getpeername()[1]
+        return attributes
 
 
 async def _wrap(sock: socket.socket) -> ProtocolStream:

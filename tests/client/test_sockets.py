@@ -11,7 +11,7 @@ from contextlib import asynccontextmanager
 import anyio
 import pytest
 import sniffio
-from anyio.abc import ByteStream
+from anyio.abc import ByteStream, SocketAttribute
 
 from remote_exec.sockets import ProtocolStream, connect_tcp, socket_stream
 
@@ -105,7 +105,7 @@ async def test_sending_to_a_closed_stream_fails_clearly() -> None:
 
 async def test_connect_tcp_reaches_a_listener_on_loopback() -> None:
     async with await anyio.create_tcp_listener(local_host="127.0.0.1") as listener:
-        port = listener.extra(anyio.abc.SocketAttribute.local_port)
+        port = listener.extra(SocketAttribute.local_port)
         async with anyio.create_task_group() as tg:
 
             async def serve_once() -> None:
@@ -118,6 +118,12 @@ async def test_connect_tcp_reaches_a_listener_on_loopback() -> None:
 
             tg.start_soon(serve_once)
             stream = await connect_tcp("127.0.0.1", port)
+            # The socket attributes anyio's own streams give, on both backends.
+            assert stream.extra(SocketAttribute.remote_port) == port
+            assert stream.extra(SocketAttribute.remote_address) == ("127.0.0.1", port)
+            assert stream.extra(SocketAttribute.family) == socket.AF_INET
+            local_port = stream.extra(SocketAttribute.local_port)
+            assert stream.extra(SocketAttribute.raw_socket).getsockname()[1] == local_port
             await stream.send(b"ping")
             assert await receive_exactly(stream, 4) == b"ping"
             await stream.aclose()
