@@ -70,7 +70,9 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_CONNECTIONS = 64
-# Frames larger than this go out cut into messages of this size (see ``_messages``).
+# Runs of frames over CUT_ABOVE bytes go out cut into equal messages of at
+# most MESSAGE_CHUNK bytes (see ``_messages``).
+CUT_ABOVE = 4 * 1024 * 1024
 MESSAGE_CHUNK = 1024 * 1024
 # Seconds a client has to finish the TLS and HTTP (websocket upgrade) handshake.
 DEFAULT_HANDSHAKE_TIMEOUT = 10.0
@@ -163,29 +165,32 @@ class ASGIWebSocketTransport:
 def _messages(pieces: Sequence[bytes | memoryview]) -> Iterator[bytes]:
     """The websocket messages that carry ``pieces``, each a bytes object.
 
-    ASGI sends a message as one bytes object and has no fragments; up to
-    ``MESSAGE_CHUNK`` bytes, the pieces travel joined, as one message. A larger
-    run of frames is cut into messages of that size, which the client joins
-    again (``FrameAssembler``): a 64 MiB reply then never takes more than a
-    few chunks of memory on its way out, where one message would be copied
-    whole three times (joined, framed by wsproto, buffered by the socket).
+    ASGI sends a message as one bytes object and has no fragments. Up to
+    ``CUT_ABOVE`` bytes the pieces travel joined, as one message. A larger run
+    of frames is cut into equal messages of at most ``MESSAGE_CHUNK`` bytes,
+    which the client joins again (``FrameAssembler``): a 64 MiB reply then
+    never takes more than a few chunks of memory on its way out, where one
+    message would be copied whole three times (joined, framed by wsproto,
+    buffered by the socket). Equal cuts leave no tiny last message.
     """
     total = sum(piece.nbytes if isinstance(piece, memoryview) else len(piece) for piece in pieces)
-    if total <= MESSAGE_CHUNK:
+    if total <= CUT_ABOVE:
         yield pieces[0] if len(pieces) == 1 and type(pieces[0]) is bytes else b"".join(pieces)
         return
+    count = -(-total // MESSAGE_CHUNK)
+    size = -(-total // count)
     chunk = bytearray()
     for piece in pieces:
         view = memoryview(piece).cast("B")
         while view:
-            if not chunk and len(view) >= MESSAGE_CHUNK:
-                yield bytes(view[:MESSAGE_CHUNK])
-                view = view[MESSAGE_CHUNK:]
+            if not chunk and len(view) >= size:
+                yield bytes(view[:size])
+                view = view[size:]
                 continue
-            room = MESSAGE_CHUNK - len(chunk)
+            room = size - len(chunk)
             chunk += view[:room]
             view = view[room:]
-            if len(chunk) == MESSAGE_CHUNK:
+            if len(chunk) == size:
                 yield bytes(chunk)
                 chunk.clear()
     if chunk:

@@ -144,13 +144,18 @@ async def test_a_large_reply_travels_cut_into_messages_and_arrives_whole(server:
         probe = Probe()
         async with ex.remote_instance(probe, "probe"):
             assembler.fed.clear()
-            big = bytes(range(256)) * (14 * 1024)  # 3.5 MiB
+            big = bytes(range(256)) * (20 * 1024)  # 5 MiB: over CUT_ABOVE
             assert await probe.echo((big, "after")) == (big, "after")
-            # The daemon cut the reply into messages of MESSAGE_CHUNK bytes.
-            assert len(assembler.fed) == 4
-            assert assembler.fed[:3] == [MESSAGE_CHUNK] * 3
+            # The daemon cut the reply into 6 equal messages of at most MESSAGE_CHUNK.
+            assert len(assembler.fed) == 6
+            assert max(assembler.fed) - min(assembler.fed) < len(assembler.fed)
+            assert max(assembler.fed) <= MESSAGE_CHUNK
             assert sum(assembler.fed) > len(big)
             assert assembler.pending == 0
+            assembler.fed.clear()
+            medium = big[: 4 * 1024 * 1024 - 100]  # under CUT_ABOVE with its frame: one message
+            assert await probe.echo(medium) == medium
+            assert len(assembler.fed) == 1
             assert await probe.echo(b"small") == b"small"  # the stream goes on after it
 
 
