@@ -3,8 +3,8 @@
 anyio's asyncio ``SocketStream`` pauses the transport after every read and
 resumes it on the next ``receive`` (two ``epoll_ctl`` calls per message), and
 every ``send`` and ``receive`` starts with a checkpoint (one more trip through
-the event loop). For one call and its reply that is a quarter of a client's
-time. ``ProtocolStream`` keeps what arrives in a queue and pauses reading only
+the event loop). For one call and its reply that was about a fifth of a
+client's time. ``ProtocolStream`` keeps what arrives in a queue and pauses reading only
 when a megabyte waits unread; it writes straight to the transport and waits
 only when the transport asks for it (``pause_writing``). On trio, anyio's
 stream already maps onto the socket calls directly and is used as it is.

@@ -1,10 +1,11 @@
-"""``InstanceWorker``: a dedicated thread with its own event loop that runs jobs in order.
+"""``InstanceWorker``: a dedicated thread (with its own event loop, or none) that runs jobs in order.
 
 The thread runs the same anyio backend as the loop that started it (asyncio or
 trio), or no loop at all for a worker of sync jobs only (``coroutines=False``:
-the daemon's instances), which then sleeps on a plain queue. Jobs go in and results come back through each loop's own thread-safe,
-FIFO entry point (``loop.call_soon_threadsafe`` for asyncio,
-``TrioToken.run_sync_soon`` for trio), so neither side ever blocks the other::
+the daemon's instances), which then sleeps on a plain queue. Jobs go in and
+results come back through each loop's own thread-safe, FIFO entry point
+(``loop.call_soon_threadsafe`` for asyncio, ``TrioToken.run_sync_soon`` for
+trio), so neither side ever blocks the other::
 
     caller loop                                     worker thread (own loop)
     -----------                                     ------------------------
