@@ -99,9 +99,14 @@ class Codec(Protocol):
     name: str
 
     def dumps(
-        self, value: Any, registry: InstanceRegistry | None
+        self, value: Any, registry: InstanceRegistry | None, *, head: int = 0
     ) -> tuple[bytes, list[memoryview]]:
-        """Encode ``value``; returns the body and the out-of-band buffers."""
+        """Encode ``value``; returns the body and the out-of-band buffers.
+
+        ``head``: ``value`` is a list whose first ``head`` items are plain
+        strings and ints already fit for the wire (a message's envelope); they
+        skip the lowering walk.
+        """
         ...
 
     def parse(self, body: memoryview) -> Any:
@@ -159,7 +164,11 @@ class _Walker:
 
     # -- the lowering walk -----------------------------------------------------
     def lower(
-        self, value: Any, registry: InstanceRegistry | None, buffers: list[memoryview]
+        self,
+        value: Any,
+        registry: InstanceRegistry | None,
+        buffers: list[memoryview],
+        head: int = 0,
     ) -> Any:
         max_depth = self.max_depth
 
@@ -209,6 +218,8 @@ class _Walker:
             )
 
         try:
+            if head:
+                return value[:head] + [lower(item, 1) for item in value[head:]]
             return lower(value, 0)
         finally:
             # ``lower`` refers to itself: without this the cycle (and every
@@ -434,10 +445,10 @@ class MsgpackCodec(_Walker):
         return None
 
     def dumps(
-        self, value: Any, registry: InstanceRegistry | None
+        self, value: Any, registry: InstanceRegistry | None, *, head: int = 0
     ) -> tuple[bytes, list[memoryview]]:
         buffers: list[memoryview] = []
-        tree = self.lower(value, registry, buffers)
+        tree = self.lower(value, registry, buffers, head)
         try:
             return self._packer.pack(tree), buffers
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. lone surrogates in a str
@@ -504,10 +515,10 @@ class JsonCodec(_Walker):
         return self.tag(T_DICT, pairs)
 
     def dumps(
-        self, value: Any, registry: InstanceRegistry | None
+        self, value: Any, registry: InstanceRegistry | None, *, head: int = 0
     ) -> tuple[bytes, list[memoryview]]:
         buffers: list[memoryview] = []
-        tree = self.lower(value, registry, buffers)
+        tree = self.lower(value, registry, buffers, head)
         return json.dumps(tree, separators=(",", ":"), allow_nan=False).encode(), buffers
 
     def parse(self, body: memoryview) -> Any:

@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Sequence
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from .exceptions import FrameError
 
@@ -71,9 +71,8 @@ DEFAULT_MAX_FRAME_SIZE = 128 * 1024 * 1024
 DEFAULT_MAX_BUFFERS = 4096
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
-    """The fixed part of a frame, validated."""
+class FrameHeader(NamedTuple):
+    """The fixed part of a frame, validated (a tuple: cheap on the hot path)."""
 
     codec_id: int
     buffer_count: int
@@ -85,8 +84,7 @@ class FrameHeader:
         return HEADER_SIZE + self.rest_length
 
 
-@dataclass(frozen=True, slots=True)
-class Frame:
+class Frame(NamedTuple):
     """A decoded frame: the codec id, the body and the out-of-band buffers."""
 
     codec_id: int
@@ -132,19 +130,28 @@ def decode_frame(
     *,
     max_size: int = DEFAULT_MAX_FRAME_SIZE,
     max_buffers: int = DEFAULT_MAX_BUFFERS,
+    header: FrameHeader | None = None,
 ) -> Frame:
     """Split one whole frame into body and buffers, without copying.
+
+    ``header``: what ``decode_header`` returned for ``data``, when the caller
+    has already checked it (each header is then validated once).
 
     Raises:
         FrameError: the header is invalid or the lengths do not add up to ``data``.
     """
-    header = decode_header(data, max_size=max_size, max_buffers=max_buffers)
+    if header is None:
+        header = decode_header(data, max_size=max_size, max_buffers=max_buffers)
     view = memoryview(data).cast("B") if not isinstance(data, bytes) else memoryview(data)
     if len(view) != header.frame_length:
         raise FrameError(
             f"frame length mismatch: header says {header.frame_length} bytes, got {len(view)}"
         )
     n = header.buffer_count
+    if not n:  # the common case: a small message, nothing out of band
+        if header.body_length != header.rest_length:
+            raise FrameError("inconsistent frame lengths: buffer table does not match the frame")
+        return Frame(header.codec_id, view[HEADER_SIZE:], [])
     offset = HEADER_SIZE
     lengths = struct.unpack_from(f"<{n}Q", view, offset) if n else ()
     offset += 8 * n
@@ -181,6 +188,9 @@ def encode_frame(
         FrameError: the frame would exceed ``max_size`` or ``max_buffers``.
     """
     n = len(buffers)
+    if not n and HEADER_SIZE + len(body) <= min(max_size, 0xFFFFFFFF):
+        # the common case: a small message, nothing out of band
+        return [_HEADER.pack(MAGIC, VERSION, codec_id, 0, len(body), 0, len(body)) + body]
     if n > max_buffers or n > 0xFFFF:  # the count field is a u16
         raise FrameError(
             f"message has {n} buffers, more than the cap of {min(max_buffers, 0xFFFF)}"

@@ -46,6 +46,7 @@ from .framing import (
     DEFAULT_MAX_BUFFERS,
     DEFAULT_MAX_FRAME_SIZE,
     FrameAssembler,
+    FrameHeader,
     decode_frame,
     decode_header,
     encode_frame,
@@ -206,28 +207,27 @@ class RpcConnection:
             data, max_size=limits.max_message_size, max_buffers=limits.max_buffers
         )
         if header.frame_length == len(data):
-            self._receive_one(data)
+            self._receive_one(data, header)
             return
         view = memoryview(data).cast("B")
         offset, end = 0, len(view)
         while offset < end:
-            header = decode_header(
-                view[offset:], max_size=limits.max_message_size, max_buffers=limits.max_buffers
-            )
+            if offset:
+                header = decode_header(
+                    view[offset:], max_size=limits.max_message_size, max_buffers=limits.max_buffers
+                )
             size = header.frame_length
             if offset + size > end:
                 raise FrameError(
                     f"truncated frame: header says {size} bytes, {end - offset} left in the message"
                 )
-            self._receive_one(view[offset : offset + size])
+            self._receive_one(view[offset : offset + size], header)
             offset += size
 
-    def _receive_one(self, data: bytes | bytearray | memoryview) -> None:
+    def _receive_one(self, data: bytes | bytearray | memoryview, header: FrameHeader) -> None:
         if self.closed:
             raise ProtocolError("received a frame after the connection closed")
-        frame = decode_frame(
-            data, max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
-        )
+        frame = decode_frame(data, header=header)
         codec = self._codecs.get(frame.codec_id)
         if codec is None:
             codec = self._codecs[frame.codec_id] = codec_for(frame.codec_id, self.limits.max_depth)
@@ -377,7 +377,8 @@ class RpcConnection:
         self._reply_codec.pop(stream_id, None)
 
     def _send(self, codec: Codec, message: list[Any]) -> None:
-        body, buffers = codec.dumps(message, self.registry)
+        # Every message starts [kind, stream id]: ints of our own, not walked.
+        body, buffers = codec.dumps(message, self.registry, head=2)
         self._outgoing.append(
             encode_frame(
                 codec.codec_id,
@@ -423,10 +424,12 @@ class RpcConnection:
             return
         try:
             args = self._build(codec, args, buffers)
-            kwargs = self._build(codec, kwargs, buffers)
-            if not all(type(k) is str for k in kwargs):
-                raise CodecError("keyword argument names must be strings")
-            meta = self._build(codec, meta, buffers)
+            if kwargs:  # an empty map needs no walk (the common case)
+                kwargs = self._build(codec, kwargs, buffers)
+                if not all(type(k) is str for k in kwargs):
+                    raise CodecError("keyword argument names must be strings")
+            if meta:
+                meta = self._build(codec, meta, buffers)
             # A tag in place of the list/map (e.g. a bytes or tuple tag) builds
             # to another type: refuse it here rather than in the application.
             if type(args) is not list or type(kwargs) is not dict or type(meta) is not dict:

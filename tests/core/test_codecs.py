@@ -164,6 +164,23 @@ def test_nested_values_roundtrip(name: str, value: Any) -> None:
 
 @pytest.mark.parametrize("name", CODECS)
 @PROPERTY
+@given(head=st.tuples(st.integers(0, 2**63 - 1), st.text(max_size=6)), rest=st.lists(values))
+def test_an_envelope_head_encodes_as_if_walked(
+    name: str, head: tuple[int, str], rest: list[Any]
+) -> None:
+    """Skipping the walk for a message's leading ints and names changes no byte."""
+    codec = codec_named(name)
+    message = [*head, *rest]
+    body, bufs = codec.dumps(message, REGISTRY, head=len(head))
+    assert (body, [bytes(b) for b in bufs]) == (
+        (walked := codec.dumps(message, REGISTRY))[0],
+        [bytes(b) for b in walked[1]],
+    )
+    assert_same(message, codec.loads(memoryview(body), bufs, REGISTRY))
+
+
+@pytest.mark.parametrize("name", CODECS)
+@PROPERTY
 @given(array=hnp.arrays(DTYPES, hnp.array_shapes(min_dims=0, max_dims=4, min_side=0, max_side=5)))
 def test_arrays_roundtrip(name: str, array: np.ndarray) -> None:
     result, frame = roundtrip(codec_named(name), array)

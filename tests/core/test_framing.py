@@ -121,6 +121,7 @@ BAD_FRAMES = [
     ("huge", raw_frame(b"", rest_length=10 * GIB), "size cap"),
     ("max u64", raw_frame(b"", rest_length=2**64 - 1), "size cap"),
     ("body over rest", raw_frame(b"abc", rest_length=2), "inconsistent"),
+    ("body under rest", raw_frame(b"ab", rest_length=3) + b"!", "inconsistent"),
     ("table over rest", raw_frame(b"", [b"a", b"b"], rest_length=8), "inconsistent"),
     ("table sum too big", raw_frame(b"", [b"ab"], lengths=[3], rest_length=10), "inconsistent"),
     ("table sum too small", raw_frame(b"", [b"ab"], lengths=[1]), "inconsistent"),
