@@ -49,9 +49,9 @@ class _Pending:
 
     __slots__ = ("callback", "done", "error", "value")
 
-    def __init__(self, callback: Callable[[Any], Any] | None) -> None:
+    def __init__(self, callback: Callable[[Any], Any] | None, done: anyio.Event) -> None:
         self.callback = callback
-        self.done = anyio.Event()
+        self.done = done
         self.value: Any = None
         self.error: BaseException | None = None
 
@@ -197,6 +197,7 @@ class RemoteExecutor(Executor):
         self._exit_stack: AsyncExitStack | None = None
         self._task_group: TaskGroup | None = None
         self._lost: BaseException | None = None
+        self._new_event: Callable[[], anyio.Event] = anyio.Event
 
     # -- to implement ----------------------------------------------------------
     @abstractmethod
@@ -208,6 +209,9 @@ class RemoteExecutor(Executor):
 
     # -- lifecycle -------------------------------------------------------------
     async def _start(self) -> None:
+        # The backend's own Event class: ``anyio.Event()`` looks the backend up
+        # on every call (2 µs), once per remote call.
+        self._new_event = type(anyio.Event())
         self._transport = await self._connect()
         stack = AsyncExitStack()
         try:
@@ -374,7 +378,7 @@ class RemoteExecutor(Executor):
         callback: Callable[[Any], Any] | None = None,
     ) -> Any:
         """One call, awaited; cancelling the caller cancels it remotely."""
-        waiter = _Pending(callback)
+        waiter = _Pending(callback, self._new_event())
         stream_id = await self._send_call(target, method, args, kwargs or {}, waiter=waiter)
         try:
             await waiter.done.wait()

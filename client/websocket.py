@@ -79,6 +79,7 @@ class WebSocketTransport:
         self._protocol = protocol
         self._write_timeout = write_timeout
         self._send_lock = anyio.Lock(fast_acquire=True)
+        self._writes_at_once = getattr(stream, "writes_at_once", False)  # see send_frame
         self._messages: deque[bytes | bytearray | memoryview] = deque()
         # The daemon cuts a large frame across several messages (ASGI has no
         # fragments): runs of whole frames come out of the assembler.
@@ -182,6 +183,23 @@ class WebSocketTransport:
         if self._error is not None:
             raise self._lost_error()
         fragments = _fragments(pieces)
+        if (
+            len(fragments) == 1
+            and len(fragments[0]) < _COALESCE
+            and self._writes_at_once
+            and not self._send_lock.locked()
+        ):
+            # The usual small message: framed and written in one go (with any
+            # control frame queued before it) before anything can suspend, so
+            # neither another sender nor a cancellation can cut into it; the
+            # lock and the shield would cost more than the write.
+            try:
+                self._protocol.send_binary(fragments[0])
+            except WebSocketException as exc:  # closing or closed meanwhile
+                self._lose(f"the websocket is closing ({exc})")
+                raise self._lost_error() from exc
+            await self._write_pending()
+            return
         async with self._send_lock:  # waiting here is a clean cancellation point
             # From the first fragment on, the message must be finished: shield it.
             with anyio.CancelScope(shield=True):

@@ -89,6 +89,10 @@ class _Reader(asyncio.Protocol):
 class ProtocolStream(ByteStream):
     """An anyio ``ByteStream`` over an asyncio transport (see the module docstring)."""
 
+    writes_at_once = True
+    """``send`` hands its whole item to the transport before it can suspend, so
+    a cancellation never cuts an item short: a writer of one item needs no shield."""
+
     def __init__(self, transport: asyncio.Transport, reader: _Reader) -> None:
         self._transport = transport
         self._reader = reader

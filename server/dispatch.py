@@ -1005,7 +1005,10 @@ class _Connection:
         self.reason = "the connection closed"
         self.finished = anyio.Event()
         self.reader_scope = anyio.CancelScope()
-        self._wakeup = anyio.Event()
+        # The backend's own Event class: ``anyio.Event()`` looks the backend up
+        # on every call (2 µs), and the writer makes one per burst of replies.
+        self._new_event: Callable[[], anyio.Event] = type(anyio.Event())
+        self._wakeup = self._new_event()
         self._flushes: dict[_Stream, None] = {}  # streams with buffered items, in order
         self._sending = False
         self._writer_failed = False
@@ -1087,7 +1090,7 @@ class _Connection:
                     waiters, self._idle_waiters = self._idle_waiters, []
                     for waiter in waiters:
                         waiter.set()
-                    self._wakeup = anyio.Event()
+                    self._wakeup = self._new_event()
                     await self._wakeup.wait()
                     continue
                 self._sending = True

@@ -13,7 +13,10 @@ import pytest
 import sniffio
 from anyio.abc import ByteStream, SocketAttribute
 
+from remote_exec.exceptions import ConnectionLostError
+from remote_exec.framing import CODEC_MSGPACK, encode_frame
 from remote_exec.sockets import ProtocolStream, connect_tcp, socket_stream
+from remote_exec.transport import StreamTransport
 
 pytestmark = pytest.mark.anyio
 
@@ -135,3 +138,42 @@ async def test_connect_tcp_to_nothing_raises_oserror() -> None:
         port = probe.getsockname()[1]  # bound, never listening: refused
         with pytest.raises(OSError, match=r"(?i)connect call failed|connection attempts failed"):
             await connect_tcp("127.0.0.1", port)
+
+
+async def test_a_frame_whose_sender_is_cancelled_still_arrives_whole() -> None:
+    """Cancelled while the peer is not reading: the frame it began still goes out whole.
+
+    On asyncio the frame is handed to the transport in one write before the
+    sender can suspend (no shield needed); elsewhere a shield finishes it.
+    """
+    left, right = socket.socketpair()
+    sender = StreamTransport(await socket_stream(left))
+    receiver = StreamTransport(await socket_stream(right))
+    frame = encode_frame(CODEC_MSGPACK, os.urandom(256 * 1024))
+    assert len(frame) == 1  # one piece: the path without a shield on asyncio
+    started = 0
+
+    async def send_until_cancelled(*, task_status: anyio.abc.TaskStatus[anyio.CancelScope]) -> None:
+        nonlocal started
+        with anyio.CancelScope() as scope:
+            task_status.started(scope)
+            while True:
+                await anyio.lowlevel.checkpoint_if_cancelled()  # no new frame once cancelled
+                started += 1
+                await sender.send_frame(frame)
+
+    try:
+        async with anyio.create_task_group() as tg:
+            scope = await tg.start(send_until_cancelled)
+            await anyio.wait_all_tasks_blocked()  # the socket buffers are full
+            scope.cancel()
+            with anyio.fail_after(10):  # a cut frame would leave the reader waiting
+                for _ in range(started):
+                    received = await receiver.receive_frame()
+                    assert bytes(received) == frame[0]
+        await sender.aclose()
+        with pytest.raises(ConnectionLostError, match="closed by the other side"):
+            await receiver.receive_frame()  # and nothing after the whole frames
+    finally:
+        await sender.aclose()
+        await receiver.aclose()
