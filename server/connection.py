@@ -1,0 +1,327 @@
+"""One client connection: its protocol state, reader and writer tasks, and calls."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import anyio
+import anyio.lowlevel
+import sniffio
+import trio
+from anyio.abc import TaskGroup
+
+from remote_exec.exceptions import (
+    ConnectionLostError,
+    ProtocolError,
+    RemoteExecError,
+    exception_type_name,
+)
+from remote_exec.framing import pack_frames
+from remote_exec.messages import Call, Cancel, Close, Credit, Message
+from remote_exec.protocol import RpcConnection, Side
+from remote_exec.transport import FrameTransport
+
+from .calls import Runner, ServerCall, StreamCall
+from .instances import Instance
+
+if TYPE_CHECKING:
+    from .dispatch import Dispatcher
+
+
+__all__ = ["Connection"]
+
+logger = logging.getLogger("remote_exec.server")
+
+
+def threadsafe_call_soon() -> Callable[..., object]:
+    """The running loop's thread-safe, FIFO, non-blocking entry point."""
+    if sniffio.current_async_library() == "trio":
+        return trio.lowlevel.current_trio_token().run_sync_soon
+    return asyncio.get_running_loop().call_soon_threadsafe
+
+
+class Connection:
+    """One client connection: its protocol state, reader, writer and calls."""
+
+    def __init__(self, dispatcher: Dispatcher, transport: FrameTransport, peer: str) -> None:
+        self.dispatcher = dispatcher
+        self.transport = transport
+        self.peer = peer
+        self.rpc = RpcConnection(Side.SERVER, dispatcher.registry, limits=dispatcher.limits)
+        self.call_soon = threadsafe_call_soon()
+        self.calls: dict[int, ServerCall] = {}
+        self.runners: dict[Instance, Runner] = {}
+        self.held: set[str] = set()  # instances this connection created (max_instances)
+        self.creating = 0  # ... and is creating right now
+        self.tg: TaskGroup | None = None
+        self.alive = True  # False once the connection is going away: nothing more is sent
+        self.reason = "the connection closed"
+        self.finished = anyio.Event()
+        self.reader_scope = anyio.CancelScope()
+        # The backend's own Event class: ``anyio.Event()`` looks the backend up
+        # on every call (2 µs), and the writer makes one per burst of replies.
+        self._new_event: Callable[[], anyio.Event] = type(anyio.Event())
+        self._wakeup = self._new_event()
+        self._flushes: dict[StreamCall, None] = {}  # streams with buffered items, in order
+        self._sending = False
+        self._writer_failed = False
+        self._idle_waiters: list[anyio.Event] = []
+        self._waiting: set[ServerCall] | None = None  # while winding down
+        self._drained = anyio.Event()
+
+    def __repr__(self) -> str:
+        return f"<connection {self.peer or id(self)}>"
+
+    # -- sending (all no-ops once the connection is going away) --------------------
+    def schedule_flush(self, stream: StreamCall) -> None:
+        self._flushes[stream] = None
+        self._wakeup.set()
+
+    def _usable(self, sid: int) -> bool:
+        return self.alive and not self.rpc.closed and self.rpc.is_open(sid)
+
+    def reply(self, sid: int, value: Any) -> None:
+        if not self._usable(sid):
+            return
+        try:
+            self.rpc.send_result(sid, value)
+        except Exception as exc:  # noqa: BLE001 - not encodable, or too large: the caller gets why
+            self.fail(sid, exc)
+            return
+        self._wakeup.set()
+
+    def fail(self, sid: int, exc: BaseException) -> None:
+        if not self._usable(sid):
+            return
+        try:
+            self.rpc.send_failure(sid, exc)
+        except Exception:  # noqa: BLE001 - unprintable, or over the size cap
+            fallback = RemoteExecError(
+                f"{exception_type_name(exc)} (its message could not be sent)"
+            )
+            try:
+                self.rpc.send_failure(sid, fallback)
+            except Exception:
+                logger.exception("could not send a failure for call %d", sid)
+                return
+        self._wakeup.set()
+
+    def end_stream(self, sid: int) -> None:
+        if not self._usable(sid):
+            return
+        self.rpc.send_stream_end(sid)
+        self._wakeup.set()
+
+    def send_items(self, sid: int, items: list[Any]) -> None:
+        if not self._usable(sid):
+            return
+        self.rpc.send_items(sid, items)
+        self._wakeup.set()
+
+    def forget(self, call: ServerCall) -> None:
+        """``call``'s work is over."""
+        if self.calls.get(call.sid) is call:
+            del self.calls[call.sid]
+        waiting = self._waiting
+        if waiting is not None:
+            waiting.discard(call)
+            if not waiting:
+                self._drained.set()
+
+    # -- the writer -------------------------------------------------------------
+    async def write_loop(self) -> None:
+        rpc = self.rpc
+        try:
+            while True:
+                if self._flushes:
+                    await self._settle()
+                    streams = list(self._flushes)
+                    self._flushes.clear()
+                    for stream in streams:
+                        stream.flush()
+                if not rpc.has_data_to_send:
+                    waiters, self._idle_waiters = self._idle_waiters, []
+                    for waiter in waiters:
+                        waiter.set()
+                    self._wakeup = self._new_event()
+                    await self._wakeup.wait()
+                    continue
+                self._sending = True
+                await self._send_queued()
+                self._sending = False
+        except anyio.get_cancelled_exc_class():
+            raise
+        except Exception as exc:
+            if not isinstance(exc, ConnectionLostError):
+                logger.exception("sending to %r failed", self)
+            self._writer_failed = True
+            self.alive = False
+            self.reason = f"sending failed: {exc}"
+            self.reader_scope.cancel()
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                waiter.set()
+
+    async def _send_queued(self) -> None:
+        """Replies queued together travel together: one message, one write.
+
+        A function of its own, so that the last message sent (maybe a large
+        result) is not kept alive by the writer's locals while it waits.
+        """
+        rpc = self.rpc
+        for message in pack_frames(rpc.data_to_send(), rpc.limits.max_message_size):
+            await self.transport.send_frame(message)
+
+    async def _settle(self) -> None:
+        """Let producers that are making progress finish their burst first.
+
+        A producer that added items during one scheduling round is still going
+        (an async generator between checkpoints, a thread in a loop); one that
+        did not is waiting for something. Items ready together then travel in
+        one frame. Other frames waiting to go out end the wait, and so does
+        the end of a step (a step never produces more than its credit).
+        """
+        sizes = [len(stream.buffer) for stream in self._flushes]
+        for _ in range(self.rpc.limits.max_credit):
+            await anyio.lowlevel.checkpoint()
+            if self.rpc.has_data_to_send:
+                return
+            now = [len(stream.buffer) for stream in self._flushes]
+            if now == sizes:
+                return
+            sizes = now
+
+    async def wait_sent(self) -> None:
+        """Until everything queued so far was written."""
+        if self._writer_failed or not (self._sending or self.rpc.has_data_to_send or self._flushes):
+            return
+        waiter = anyio.Event()
+        self._idle_waiters.append(waiter)
+        self._wakeup.set()
+        await waiter.wait()
+
+    # -- the reader -------------------------------------------------------------
+    async def read_loop(self) -> None:
+        rpc, transport = self.rpc, self.transport
+        with self.reader_scope:
+            try:
+                while True:
+                    self._handle_frame(await transport.receive_frame())
+                    if not self.alive:
+                        return
+                    if rpc.has_data_to_send:  # e.g. a TooManyCalls reply the protocol made
+                        self._wakeup.set()
+            except ConnectionLostError:
+                self.reason = "the client went away"
+            except ProtocolError as exc:  # FrameError too: drop this connection only
+                logger.warning("protocol error from %r, closing it: %s", self, exc)
+                self.reason = f"protocol error: {exc}"
+                try:
+                    rpc.send_close(f"protocol error: {exc}")
+                except Exception:  # noqa: BLE001, S110 - the connection is being dropped anyway
+                    pass
+                self._wakeup.set()
+            except Exception as exc:  # a transport failing in an unexpected way
+                logger.exception("receiving from %r failed", self)
+                self.reason = f"receiving failed: {exc!r}"
+        self.alive = False
+
+    def _handle_frame(self, frame: bytes | bytearray | memoryview) -> None:
+        """Act on one frame; its own function, so that no local keeps a frame
+        (maybe large) or its messages alive while the reader waits for the next."""
+        rpc = self.rpc
+        rpc.receive_frame(frame)
+        for message in rpc.events_received():
+            try:
+                _HANDLERS[type(message)](self, message)
+            except Exception:  # a bug must not take the connection down
+                logger.exception("could not handle %r from %r", message, self)
+
+    def on_call(self, message: Message) -> None:
+        assert isinstance(message, Call)
+        try:
+            self.dispatcher._dispatch_call(self, message)
+        except Exception as exc:
+            logger.exception("could not dispatch call %d", message.stream_id)
+            self.calls.pop(message.stream_id, None)
+            self.fail(message.stream_id, exc)
+
+    def on_credit(self, message: Message) -> None:
+        call = self.calls.get(message.stream_id)
+        if call is not None:
+            call.on_credit()
+
+    def on_cancel(self, message: Message) -> None:
+        call = self.calls.get(message.stream_id)
+        if call is not None:
+            call.on_cancel()
+
+    def on_close(self, message: Message) -> None:
+        assert isinstance(message, Close)
+        self.alive = False
+        self.reason = f"the client closed it ({message.reason or 'no reason given'})"
+
+    # -- going away ---------------------------------------------------------------
+    def runner_for(self, instance: Instance) -> Runner:
+        runner = self.runners.get(instance)
+        if runner is None or not runner.alive:
+            assert self.tg is not None
+            runner = self.runners[instance] = Runner(self, instance)
+            instance.runners.add(runner)
+            self.tg.start_soon(runner.run)
+        return runner
+
+    def shutdown(self, reason: str) -> None:
+        """Server shutdown: fail every open call, say goodbye, stop reading."""
+        if self.alive:
+            error = ConnectionLostError(reason)
+            for sid in self.rpc.open_ids():
+                self.fail(sid, error)
+            try:
+                self.rpc.send_close(reason)
+            except ProtocolError:
+                pass
+            self._wakeup.set()
+        self.alive = False
+        self.reason = reason
+        self.reader_scope.cancel()
+
+    async def wind_down(self) -> None:
+        """Cancel what this connection started and close its generators (bounded)."""
+        self.alive = False
+        waiting: set[ServerCall] = set()
+        for call in list(self.calls.values()):
+            try:
+                if call.abandon() and self.calls.get(call.sid) is call:
+                    waiting.add(call)
+            except Exception:
+                logger.exception("could not abandon %r", call)
+        grace = self.dispatcher.close_grace
+        if waiting:
+            self._waiting = waiting
+            with anyio.move_on_after(grace):
+                await self._drained.wait()
+        with anyio.move_on_after(grace):  # e.g. the Close after a protocol error
+            await self.wait_sent()
+
+    def release(self) -> None:
+        self.alive = False
+        for runner in list(self.runners.values()):
+            runner.alive = False
+        for call in list(self.calls.values()):
+            try:
+                call.release()
+            except Exception:
+                logger.exception("could not release %r", call)
+        self.calls.clear()
+
+
+_HANDLERS: dict[type, Callable[[Connection, Message], None]] = {
+    Call: Connection.on_call,
+    Credit: Connection.on_credit,
+    Cancel: Connection.on_cancel,
+    Close: Connection.on_close,
+}
