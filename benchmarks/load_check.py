@@ -52,12 +52,10 @@ import os
 import platform
 import random
 import re
-import signal
 import socket
 import struct
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import urllib.request
@@ -65,13 +63,14 @@ from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import anyio
 from anyio.abc import SocketAttribute, TaskGroup
 
 from remote_exec import WebSocketExecutor
 from remote_exec.exceptions import RemoteExecConnectionError
+from remote_exec.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
@@ -386,18 +385,11 @@ async def read_back(url: str, client_ids: Iterable[int]) -> dict[int, dict[str, 
 # -- the daemon ---------------------------------------------------------------------------
 
 
-class Daemon:
-    """``python -m remote_exec.server`` on a free port, with its memory sampled."""
+class Daemon(DaemonProcess):
+    """The daemon under load, its memory sampled every 0.2 s."""
 
     def __init__(self, backend: str, max_connections: int, extra: Iterable[str] = ()) -> None:
-        self.args = [
-            sys.executable,
-            "-m",
-            "remote_exec.server",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            "0",
+        super().__init__(
             "--no-auth",
             "--allow-module",
             "benchmarks.*",
@@ -408,39 +400,21 @@ class Daemon:
             "--log-level",
             "WARNING",
             *extra,
-        ]
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.url = ""
+            cwd=ROOT,
+            start=False,
+        )
         self.samples: list[tuple[float, int]] = []  # (seconds since start, VmRSS bytes)
         self._stop_sampling = threading.Event()
         self._sampler: threading.Thread | None = None
         self._t0 = 0.0
         self.died_at: float | None = None  # seconds after start, if it died on its own
 
-    @property
-    def pid(self) -> int:
-        assert self.proc is not None
-        return self.proc.pid
-
     def start(self, timeout: float = 30.0) -> str:
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        line = _readline(self.proc, timeout)
-        match = re.search(r"serving on (wss?://\S+)", line)
-        if match is None:
-            self.kill()
-            raise RuntimeError(f"the daemon did not start: {line!r}\n{self.log()}")
-        self.url = match.group(1)
+        url = super().start(timeout)
         self._t0 = time.perf_counter()
         self._sampler = threading.Thread(target=self._sample, daemon=True)
         self._sampler.start()
-        return self.url
+        return url
 
     def _sample(self) -> None:
         while not self._stop_sampling.wait(0.2):
@@ -501,51 +475,18 @@ class Daemon:
             return None
         return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
-    def alive(self) -> bool:
-        return self.proc is not None and self.proc.poll() is None
-
-    def log(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def stop(self, timeout: float = 20.0) -> tuple[int | None, float]:
+    def shutdown(self, timeout: float = 20.0) -> tuple[int | None, float]:
         """SIGTERM; (exit code, seconds it took), code None if it had to be killed."""
         self._stop_sampling.set()
         if self._sampler is not None:
             self._sampler.join()  # before the signal: its exit is not a death
-        assert self.proc is not None
         start = time.perf_counter()
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.kill()
-                return None, time.perf_counter() - start
-        return self.proc.returncode, time.perf_counter() - start
+        code = super().stop(timeout)
+        return (None if self.killed else code), time.perf_counter() - start
 
     def kill(self) -> None:
         self._stop_sampling.set()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-
-    def close(self) -> None:
-        self.kill()
-        if self.proc is not None and self.proc.stdout is not None:
-            self.proc.stdout.close()
-        self._stderr.close()
-
-
-def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line of ``proc``, or "" if it exits or ``timeout`` passes."""
-    out = proc.stdout
-    assert out is not None
-    result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(out.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    return result[0].decode(errors="replace").strip() if result else ""
+        super().kill()
 
 
 # -- one backend, start to end --------------------------------------------------------------
@@ -631,7 +572,7 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         )
         hwm = daemon.status("VmHWM")
         rss_end = daemon.status("VmRSS")
-        exit_code, stop_seconds = daemon.stop()
+        exit_code, stop_seconds = daemon.shutdown()
         log = daemon.log()
         if args.daemon_log is not None:
             path = args.daemon_log.with_name(f"{args.daemon_log.name}.{backend}.{mode}")

@@ -26,3 +26,15 @@ def test_readme_example_runs(backend: str, capsys: pytest.CaptureFixture[str]) -
     out = capsys.readouterr().out
     assert "got 1024 bytes" in out
     assert out.split()[-5:] == ["0", "1", "2", "3", "4"]
+
+
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_readme_daemon_for_tests_example_runs(
+    backend: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+    (source,) = [block for block in blocks if "DaemonProcess" in block]
+    namespace: dict[str, object] = {"__name__": "readme_example"}
+    exec(compile(source.replace("anyio.run(main)", ""), str(README), "exec"), namespace)  # noqa: S102
+    anyio.run(namespace["main"], backend=backend)  # type: ignore[arg-type]
+    assert capsys.readouterr().out.strip() == "[]"

@@ -7,21 +7,17 @@ only what the daemon has: the standard library, anyio and remote_exec.
 from __future__ import annotations
 
 import os
-import re
-import signal
 import subprocess
 import sys
-import tempfile
-import threading
 from collections.abc import AsyncIterator, Iterator, Sequence
 from pathlib import Path
-from typing import IO, Any, Self
+from typing import Any
 
 import anyio
 import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
-from remote_exec import apply_executor, apply_generator_executor
+from remote_exec import apply_executor, apply_generator_executor, testing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -95,12 +91,9 @@ class Probe:
         await anyio.sleep_forever()
 
 
-class DaemonProcess:
-    """``python -m remote_exec.server`` as a child process, on a free port.
-
-    Waits for the one line the daemon prints once it serves, and keeps its
-    stderr in a temporary file (shown by ``log()``).
-    """
+class DaemonProcess(testing.DaemonProcess):
+    """``remote_exec.testing.DaemonProcess`` run from the repository, so that
+    the daemon can import the test modules (``tests.*``)."""
 
     def __init__(
         self,
@@ -109,80 +102,9 @@ class DaemonProcess:
         token: str | None = None,
         start: bool = True,
     ) -> None:
-        self.args = [sys.executable, "-m", "remote_exec.server", "--port", "0", *args]
-        self.env = dict(os.environ if env is None else env)
-        self.env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(ROOT), self.env.get("PYTHONPATH", "")) if p
-        )
-        if token is not None:
-            self.env["REMOTE_EXEC_TOKEN"] = token
-        self._stderr: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115 - closed by close()
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.line = ""
-        self.url = ""
-        if start:
-            self.start()
-
-    def start(self, timeout: float = 30.0) -> str:
-        """Start the daemon and return its URL (raises if it exits first)."""
-        self.proc = subprocess.Popen(
-            self.args,
-            cwd=ROOT,
-            env=self.env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=self._stderr,
-        )
-        line = _readline(self.proc, timeout)
-        self.line = line
-        match = re.search(r"serving on (wss?://\S+)", line)
-        if match is None:
-            self.proc.kill()
-            self.proc.wait()
-            raise RuntimeError(f"the daemon did not start: {line!r}\n{self.log()}")
-        self.url = match.group(1)
-        return self.url
-
-    @property
-    def port(self) -> int:
-        return int(self.url.rsplit(":", 1)[1])
-
-    def log(self) -> str:
-        self._stderr.seek(0)
-        return self._stderr.read().decode(errors="replace")
-
-    def send_signal(self, signum: int) -> None:
-        assert self.proc is not None
-        self.proc.send_signal(signum)
-
-    def wait(self, timeout: float = 20.0) -> int:
-        assert self.proc is not None
-        return self.proc.wait(timeout)
-
-    def stop(self) -> int | None:
-        """SIGTERM, then SIGKILL if needed; the exit code."""
-        if self.proc is None:
-            return None
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(20)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        if self.proc.stdout is not None:
-            self.proc.stdout.close()
-        return self.proc.returncode
-
-    def close(self) -> None:
-        self.stop()
-        self._stderr.close()
-
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(self, *exc_info: object) -> None:
-        self.close()
+        env = dict(os.environ if env is None else env)
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+        super().__init__(*args, env=env, token=token, cwd=ROOT, start=start)
 
 
 def run_cli(
@@ -198,16 +120,6 @@ def run_cli(
         timeout=30,
         check=False,
     )
-
-
-def _readline(proc: subprocess.Popen[bytes], timeout: float) -> str:
-    """The first stdout line of ``proc``, or "" if it exits or ``timeout`` passes."""
-    assert proc.stdout is not None
-    result: list[bytes] = []
-    reader = threading.Thread(target=lambda: result.append(proc.stdout.readline()), daemon=True)  # type: ignore[union-attr]
-    reader.start()
-    reader.join(timeout)
-    return result[0].decode(errors="replace").strip() if result else ""
 
 
 async def http_get(

@@ -228,3 +228,32 @@ async def test_sigkill_mid_call_raises_connection_lost(daemon: DaemonProcess) ->
         with pytest.raises(ConnectionLostError):  # every later call too, at once
             await holder.echo(1)
     assert daemon.wait() == -signal.SIGKILL
+
+
+@pytest.mark.anyio
+async def test_the_library_daemon_launcher_starts_serves_and_stops(
+    anyio_backend: str, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    """``remote_exec.testing.DaemonProcess`` as a user's own tests would use it:
+    from any directory, a real daemon on a free loopback port, stopped gracefully."""
+    from remote_exec.testing import DaemonProcess as LibraryDaemon
+
+    with LibraryDaemon("--backend", anyio_backend, env=clean_env, token=TOKEN, cwd=tmp_path) as d:
+        assert d.url.startswith("ws://127.0.0.1:")
+        assert d.port > 0
+        assert d.alive()
+        async with WebSocketExecutor(d.url, token=TOKEN) as ex:
+            assert await ex.get_remote_objects() == []
+        assert d.stop() == 0
+        assert not d.alive()
+        assert not d.killed
+        assert "SIGTERM" in d.log()
+
+
+def test_the_library_daemon_launcher_reports_a_daemon_that_cannot_start(
+    clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    from remote_exec.testing import DaemonProcess as LibraryDaemon
+
+    with pytest.raises(RuntimeError, match="did not start"):
+        LibraryDaemon("--max-message-size", "-1", env=clean_env, cwd=tmp_path)
