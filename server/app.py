@@ -197,7 +197,9 @@ def _messages(pieces: Sequence[bytes | memoryview]) -> Iterator[bytes]:
         yield bytes(chunk)
 
 
-class _Connection:
+class _Websocket:
+    """An accepted websocket, as the app tracks it (to cancel it on shutdown)."""
+
     __slots__ = ("cancel_scope", "peer", "transport")
 
     def __init__(self, transport: ASGIWebSocketTransport, peer: str) -> None:
@@ -225,7 +227,7 @@ class RemoteExecApp:
         self.max_connections = max_connections
         self._token = token
         self._origins = frozenset(origin.rstrip("/").lower() for origin in allowed_origins)
-        self._connections: set[_Connection] = set()
+        self._connections: set[_Websocket] = set()
         self._closing = False
         self._dispatcher_closed = False
         self._startup_hooks: list[Callable[[], Any]] = []
@@ -304,7 +306,7 @@ class RemoteExecApp:
             await _deny(scope, send, *refusal)
             return
         transport = ASGIWebSocketTransport(receive, send, max_size=self.limits.max_message_size)
-        connection = _Connection(transport, peer)
+        connection = _Websocket(transport, peer)
         self._connections.add(connection)  # before any await: the cap holds
         try:
             await send({"type": "websocket.accept"})
