@@ -15,6 +15,7 @@ instead of looking fast.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import inspect
 import json
@@ -593,6 +594,19 @@ def git_revision() -> str:
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
     return f"{rev}+dirty" if dirty else rev
+
+
+def add_json_options(parser: argparse.ArgumentParser, default: Path | None, help: str) -> None:
+    """``--json PATH`` and ``--no-json``: where a tool writes its results, if anywhere."""
+    parser.add_argument("--json", type=Path, default=default, help=help)
+    parser.add_argument("--no-json", action="store_true", help="do not write any JSON")
+
+
+def write_json(path: Path, data: Any) -> None:
+    """Write a tool's results as indented JSON, and say where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    print(f"\nwrote {path}")
 
 
 def machine(python: str) -> dict[str, Any]:

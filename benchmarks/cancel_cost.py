@@ -283,13 +283,11 @@ def render(summaries: dict[str, dict[str, Summary]], executors: Sequence[str]) -
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="1 process x 5 rounds per cell")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=h.RESULTS_DIR / "cancel_cost.json",
-        help="where to write the results (default: %(default)s)",
+    h.add_json_options(
+        parser,
+        h.RESULTS_DIR / "cancel_cost.json",
+        "where to write the results (default: %(default)s)",
     )
-    parser.add_argument("--no-json", action="store_true", help="do not write any JSON")
     parser.add_argument(
         "--executors",
         default=",".join(EXECUTORS),
@@ -372,9 +370,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "samples_us": runs,
             "errors": errors,
         }
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        print(f"\nwrote {args.json}")
+        h.write_json(args.json, data)
     return 1 if errors else 0
 
 

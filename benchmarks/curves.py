@@ -650,13 +650,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument(
         "--quick", action="store_true", help="fewer sizes and repetitions (under ~2 min)"
     )
-    parser.add_argument(
-        "--json",
-        type=Path,
-        default=h.RESULTS_DIR / "curves.json",
-        help="where to write the results (default: %(default)s)",
+    h.add_json_options(
+        parser, h.RESULTS_DIR / "curves.json", "where to write the results (default: %(default)s)"
     )
-    parser.add_argument("--no-json", action="store_true", help="do not write any JSON")
     parser.add_argument(
         "--backend",
         choices=("asyncio", "trio"),
@@ -707,10 +703,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     print(render(results, args.backend))
     if not args.no_json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        data = to_json(results, args.backend, meta)
-        args.json.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        print(f"\nwrote {args.json}")
+        h.write_json(args.json, to_json(results, args.backend, meta))
     return 1 if results.errors else 0
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
-import json
 import os
 import platform
 import random
@@ -42,9 +41,11 @@ from benchmarks._harness import (
     WORKLOADS,
     Params,
     Workload,
+    add_json_options,
     default_python,
     git_revision,
     run_child,
+    write_json,
 )
 from benchmarks.registry import SUBJECTS, Subject
 
@@ -360,13 +361,12 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     )
     parser.add_argument("--reps", type=int, help="repetitions (default: by mode)")
     parser.add_argument("--timeout", type=float, help="seconds per measurement (default: by mode)")
-    parser.add_argument(
-        "--json",
-        type=Path,
-        help="where to write the results (default: benchmarks/results/latest.json, "
+    add_json_options(
+        parser,
+        None,
+        "where to write the results (default: benchmarks/results/latest.json, "
         "or smoke.json with --smoke)",
     )
-    parser.add_argument("--no-json", action="store_true", help="do not write any JSON")
     parser.add_argument(
         "--python",
         default=default_python(),
@@ -466,10 +466,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             "seconds": round(total, 1),
         }
         path: Path = args.json or RESULTS_DIR / mode.json_name
-        path.parent.mkdir(parents=True, exist_ok=True)
-        data = to_json(rows, workloads, mode, mode.params, reps, meta, args.ratios_for)
-        path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
-        print(f"\nwrote {path}")
+        write_json(path, to_json(rows, workloads, mode, mode.params, reps, meta, args.ratios_for))
 
     failed = args.smoke and any(cell.errors for row in rows for cell in row.cells.values())
     missing = args.require_available and not all(row.available for row in rows)
