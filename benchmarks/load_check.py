@@ -70,7 +70,7 @@ from anyio.abc import SocketAttribute, TaskGroup
 
 from remote_exec import WebSocketExecutor
 from remote_exec.exceptions import RemoteExecConnectionError
-from remote_exec.testing import DaemonProcess
+from remote_exec.server.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024

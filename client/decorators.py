@@ -1,8 +1,10 @@
 """``apply_executor`` and ``apply_generator_executor``.
 
-A decorated method runs through the executor of the innermost active
-``ExecutorContext``; with none, it runs locally (sync called, async awaited,
-generators iterated) and its callback still runs with each result.
+A decorated method runs through the executor the object pins (its
+``remote_executor`` attribute, or pymoa-remote's ``pymoa_executor``), else
+through the executor of the innermost active ``ExecutorContext``; with
+neither, it runs locally (sync called, async awaited, generators iterated)
+and its callback still runs with each result.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import inspect
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import Any, Concatenate, ParamSpec, Protocol, TypeVar, overload
 
-from remote_exec.executor import RemoteMethod, RemoteStream, current_executor, resolve_callback
+from remote_exec.executor import RemoteMethod, RemoteStream, executor_for, resolve_callback
 
 __all__ = ["LocalStream", "apply_executor", "apply_generator_executor"]
 
@@ -82,6 +84,11 @@ def apply_executor(
 ) -> Any:
     """Run a sync or async method through the active executor; always awaited.
 
+    The executor is the one the object pins in its ``remote_executor``
+    attribute (or ``pymoa_executor``, pymoa-remote's name), else the innermost
+    ``ExecutorContext``'s; with neither (None counts as unpinned), the method
+    runs locally.
+
     Args:
         func: the method (or omit it to pass options: ``@apply_executor(callback=...)``).
         callback: a method of the same class (or its name, or ``NO_CALLBACK``)
@@ -114,7 +121,7 @@ def apply_executor(
 
     @functools.wraps(func)
     async def wrapper(self: Any, *args: Any, **kwargs: Any) -> Any:
-        executor = current_executor()
+        executor = executor_for(self)
         if executor is not None:
             return await executor.execute(self, name, args, kwargs, callback)
         result = func(self, *args, **kwargs)
@@ -148,6 +155,10 @@ def apply_generator_executor(
 ) -> Any:
     """Run a sync or async generator method through the active executor.
 
+    The executor is chosen as for ``apply_executor``: the object's pinned
+    ``remote_executor`` (or ``pymoa_executor``), else the innermost
+    ``ExecutorContext``'s, else none (the generator runs locally).
+
     The call returns a ``RemoteStream``: ``async with obj.gen() as items:`` then
     ``async for item in items``, or iterate it directly. Leaving the block early
     closes the generator where it runs. ``callback`` runs once per item.
@@ -164,7 +175,7 @@ def apply_generator_executor(
 
     @functools.wraps(func)
     def wrapper(self: Any, *args: Any, **kwargs: Any) -> RemoteStream:
-        executor = current_executor()
+        executor = executor_for(self)
         if executor is not None:
             return executor.execute_generator(self, name, args, kwargs, callback)
         return LocalStream(func(self, *args, **kwargs), resolve_callback(self, callback))

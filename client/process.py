@@ -25,13 +25,13 @@ import sys
 from collections.abc import Mapping, Sequence
 
 import anyio
-import sniffio
 from anyio.abc import Process
 
 from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
-from remote_exec.sockets import socket_stream
-from remote_exec.transport import FrameTransport, StreamTransport
+from remote_exec.runtime.backend import current_backend, is_trio
+from remote_exec.runtime.sockets import socket_stream
+from remote_exec.runtime.transport import FrameTransport, StreamTransport
 
 from .remote import RemoteExecutor
 
@@ -111,7 +111,7 @@ class ProcessExecutor(RemoteExecutor):
         # asyncio forks from its loop's thread, which lives as long as this
         # executor; trio forks from a cached worker thread that exits when idle,
         # and PR_SET_PDEATHSIG would then kill a healthy child.
-        if sniffio.current_async_library() == "asyncio" and sys.platform.startswith("linux"):
+        if not is_trio() and sys.platform.startswith("linux"):
             command.append("--pdeathsig")
         for pattern in self.allow_modules:
             command += ["--allow-module", pattern]
@@ -146,7 +146,7 @@ class ProcessExecutor(RemoteExecutor):
             raise
 
     async def _connect(self) -> FrameTransport:
-        backend = self.backend or sniffio.current_async_library()
+        backend = self.backend or current_backend()
         ours, theirs = socket.socketpair()
         try:
             with anyio.CancelScope(shield=True):  # a half-started child must not escape

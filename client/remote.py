@@ -7,13 +7,13 @@ many calls and streams at once. Subclasses only say how to connect.
 
 from __future__ import annotations
 
-import math
 import sys
 import time
 from abc import abstractmethod
 from collections import deque
 from collections.abc import Callable, Iterable
 from contextlib import AsyncExitStack
+from types import ModuleType
 from typing import Any, Self
 
 import anyio
@@ -29,14 +29,16 @@ from remote_exec.executor import (
     Executor,
     RemoteStream,
     check_channel,
+    check_sleep,
     config_of,
+    module_name,
     resolve_call,
 )
 from remote_exec.framing import pack_frames
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
-from remote_exec.transport import FrameTransport
+from remote_exec.runtime.transport import FrameTransport
 
 __all__ = ["RemoteExecutor"]
 
@@ -476,15 +478,13 @@ class RemoteExecutor(Executor):
 
     async def sleep(self, duration: float | None = None, deadline: float | None = None) -> int:
         self._check_usable()
-        for value in (duration, deadline):
-            if value is not None and not math.isfinite(value):
-                raise ValueError("sleep needs a finite duration or deadline")
+        check_sleep(duration, deadline)
         woke: int = await self._request("", "sleep", [duration, deadline])
         return woke
 
-    async def remote_import(self, module: str) -> None:
+    async def remote_import(self, module: str | ModuleType) -> None:
         self._check_usable()
-        await self._request("", "import_module", [module])
+        await self._request("", "import_module", [module_name(module)])
 
     async def register_remote_class(self, cls: type) -> None:
         self._check_usable()

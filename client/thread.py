@@ -1,25 +1,29 @@
 """``ThreadExecutor``: every instance gets its own worker thread.
 
-Every call to an instance (sync methods, async methods, generator steps) runs
-in that instance's thread, one at a time, in call order; callbacks run on the
-caller's side, in the same order. The instance is the caller's own object
-(``is_remote = False``): nothing is copied, and exceptions arrive as
-themselves.
+A thin adapter over the instance runtime the servers use too
+(``remote_exec.runtime``): the executor is the runtime's only peer, and
+hands each outcome straight to the waiting caller, without a codec. Every
+call to an instance (sync methods, async methods, generator steps) runs in
+that instance's thread, which runs a loop of its own, one at a time, in call
+order; callbacks run on the caller's side, in the same order. The instance
+is the caller's own object (``is_remote = False``): nothing is copied, and
+exceptions arrive as themselves.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
-import logging
+import itertools
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from types import ModuleType
 from typing import Any, ClassVar
 
 import anyio
+import anyio.lowlevel
 
-from remote_exec.events import EventHub
 from remote_exec.exceptions import (
     DuplicateInstanceError,
     ExecutorStateError,
@@ -28,74 +32,133 @@ from remote_exec.exceptions import (
 )
 from remote_exec.executor import (
     Executor,
-    RemoteMethod,
     RemoteStream,
     config_of,
+    module_name,
     resolve_call,
 )
+from remote_exec.protocol import DEFAULT_WINDOW
 from remote_exec.registry import InstanceRegistry
-from remote_exec.worker import InstanceWorker, Job
+from remote_exec.runtime.backend import threadsafe_call_soon
+from remote_exec.runtime.calls import Runner, RuntimeCall, StreamCall
+from remote_exec.runtime.events import EventHub
+from remote_exec.runtime.instances import Instance
+from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 
 __all__ = ["ThreadExecutor", "ThreadStream"]
-
-logger = logging.getLogger(__name__)
-
-
-def _call(func: Callable[..., Any], obj: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    return func(obj, *args, **kwargs)
-
-
-_END = object()  # a batch's outcome once the generator is exhausted
-
-
-def _next_batch(gen: Any, n: int) -> tuple[list[Any], object]:
-    """Up to ``n`` items of a generator, and what came after them: None (more
-    may follow), ``_END``, or the exception the generator raised."""
-    items: list[Any] = []
-    append = items.append
-    try:
-        for _ in range(n):
-            append(next(gen))
-    except StopIteration:
-        return items, _END
-    except Exception as exc:  # noqa: BLE001 - delivered after the items before it
-        return items, exc
-    return items, None
-
-
-async def _anext_batch(agen: Any, n: int) -> tuple[list[Any], object]:
-    """``_next_batch`` for an async generator (cancellation still propagates)."""
-    items: list[Any] = []
-    append = items.append
-    try:
-        for _ in range(n):
-            append(await agen.__anext__())
-    except StopAsyncIteration:
-        return items, _END
-    except Exception as exc:  # noqa: BLE001 - delivered after the items before it
-        return items, exc
-    return items, None
-
-
-def _close_sync(gen: Any) -> None:
-    gen.close()
-
-
-async def _close_async(agen: Any) -> None:
-    await agen.aclose()
 
 
 def _read_attributes(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
     return {name: getattr(obj, name) for name in names}
 
 
-@dataclass(eq=False, slots=True)
-class _Held:
-    """An instance the executor holds: its worker and its open streams."""
+def _same(obj: Any) -> Any:
+    return obj
 
-    obj: Any
-    worker: InstanceWorker
-    streams: set[ThreadStream] = field(default_factory=set)
+
+class _Answer:
+    """Where one method call's outcome goes: the waiting caller."""
+
+    __slots__ = ("callback", "error", "event", "value")
+
+    def __init__(self, event: anyio.Event, callback: Callable[[Any], Any] | None) -> None:
+        self.event = event
+        self.callback = callback
+        self.value: Any = None
+        self.error: BaseException | None = None
+
+    def answer(self, value: Any) -> None:
+        # On the loop, in completion order: callbacks keep call order.
+        if self.callback is not None:
+            try:
+                self.callback(value)
+            except BaseException as exc:  # noqa: BLE001 - the caller gets it instead
+                self.fail(exc)
+                return
+        self.value = value
+        self.event.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.error = exc
+        self.event.set()
+
+
+class _LocalPeer:
+    """The runtime's peer inside ThreadExecutor: outcomes go to the waiting tasks."""
+
+    def __init__(self, window: int) -> None:
+        self.window = window
+        self.alive = False
+        self.calls: dict[int, RuntimeCall] = {}
+        self.call_soon: Callable[..., object] = _not_started
+        self._ids = itertools.count(1)
+        self._waiting: dict[int, _Answer | ThreadStream] = {}
+        # The backend's own Event class: ``anyio.Event()`` looks the backend up each time.
+        self.new_event: Callable[[], anyio.Event] = anyio.Event
+
+    def start(self) -> None:
+        self.call_soon = threadsafe_call_soon()
+        self.new_event = type(anyio.Event())
+        self.alive = True
+
+    def stop(self, reason: str) -> None:
+        """Fail every waiting caller and stream; what comes later is dropped."""
+        self.alive = False
+        waiting, self._waiting = self._waiting, {}
+        for target in waiting.values():
+            target.fail(ExecutorStateError(reason))
+
+    def cut_streams(self, reason: str) -> None:
+        """Open streams end now, their items not consumed yet dropped."""
+        for sid, target in list(self._waiting.items()):
+            if isinstance(target, ThreadStream):
+                del self._waiting[sid]
+                target.cut_off(ExecutorStateError(f"stream cut off: {reason}"))
+
+    def next_id(self) -> int:
+        return next(self._ids)
+
+    def expect(self, sid: int, target: _Answer | ThreadStream) -> None:
+        self._waiting[sid] = target
+
+    def abandon(self, sid: int) -> None:
+        """The caller stopped waiting: its outcome is dropped (and its callback not run)."""
+        self._waiting.pop(sid, None)
+
+    # -- the Peer interface ----------------------------------------------------
+    def reply(self, sid: int, value: Any) -> None:
+        target = self._waiting.pop(sid, None)
+        if isinstance(target, _Answer):
+            target.answer(value)
+
+    def fail(self, sid: int, exc: BaseException) -> None:
+        target = self._waiting.pop(sid, None)
+        if target is not None:
+            target.fail(exc)
+
+    def send_items(self, sid: int, items: list[Any]) -> None:
+        target = self._waiting.get(sid)
+        if isinstance(target, ThreadStream):
+            target.receive(items)
+
+    def end_stream(self, sid: int) -> None:
+        target = self._waiting.pop(sid, None)
+        if isinstance(target, ThreadStream):
+            target.end(None)
+
+    def credit(self, sid: int) -> int:
+        target = self._waiting.get(sid)
+        return target.credit if isinstance(target, ThreadStream) else 0
+
+    def schedule_flush(self, stream: StreamCall) -> None:
+        stream.flush()  # no frames to batch: hand the items over at once
+
+    def forget(self, call: RuntimeCall) -> None:
+        if self.calls.get(call.sid) is call:
+            del self.calls[call.sid]
+
+    def runner_for(self, instance: Instance) -> Runner:
+        raise RuntimeError("ThreadExecutor runs async methods in the instance's thread")
 
 
 class ThreadExecutor(Executor):
@@ -103,8 +166,8 @@ class ThreadExecutor(Executor):
 
     Args:
         window: how many items a generator may produce ahead of its consumer
-            (the same default as the remote executors; lower it when items are
-            large, e.g. camera frames, to bound memory in bytes).
+            (``DEFAULT_WINDOW``, shared with the remote executors; raise it for
+            many small items, lower it for large ones such as camera frames).
         registry: the registry to hold instances in (a new one by default).
         init_context: enter ``ExecutorContext(self)`` while used as
             ``async with``.
@@ -115,60 +178,34 @@ class ThreadExecutor(Executor):
     def __init__(
         self,
         *,
-        window: int = 64,
+        window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
     ) -> None:
         super().__init__(registry=registry, init_context=init_context)
-        if not isinstance(window, int) or window < 1:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
             raise ValueError(f"window must be a positive int, got {window!r}")
         self.window = window
-        self._held: dict[str, _Held] = {}
-        self._retired: set[InstanceWorker] = set()  # deleted, maybe not joined yet
         self._events = EventHub()
+        self._runtime = InstanceRuntime(self.registry, self._events, threads_have_loops=True)
+        self._peer = _LocalPeer(window)
 
     # -- lifecycle -------------------------------------------------------------
     async def _start(self) -> None:
+        self._peer.start()
         await anyio.lowlevel.checkpoint()
 
     async def _stop(self) -> None:
         # Shielded: stopping under a cancelled scope (a cancelled ``async with``
-        # body) must still join every thread.
+        # body) must still close every generator and join every thread.
         with anyio.CancelScope(shield=True):
-            held, self._held = list(self._held.values()), {}
-            async with anyio.create_task_group() as tg:
-                for entry in held:
-                    self.registry.remove_instance(entry.obj)
-                    tg.start_soon(self._stop_held, entry, "the executor was stopped")
-                for worker in list(self._retired):
-                    tg.start_soon(self._stop_worker, worker)
+            # Queued calls and open streams fail, a running sync call finishes
+            # and is answered; then whoever still waits is told.
+            reason = "the executor was stopped"
+            self._peer.cut_streams(reason)
+            await self._runtime.close(reason)
+            self._peer.stop(reason)
             self._events.close()
-
-    async def _stop_held(self, entry: _Held, why: str) -> None:
-        # Open generators are closed in their own thread, after the running job.
-        reason = f"stream of {entry.worker.name!r} cut off: {why}"
-        gens = [stream._detach(reason) for stream in list(entry.streams)]
-        entry.streams.clear()
-
-        async def finalize() -> None:
-            for gen in gens:
-                if gen is None:
-                    continue
-                try:
-                    if hasattr(gen, "aclose"):
-                        await gen.aclose()
-                    else:
-                        gen.close()
-                except Exception:  # the consumers are gone: nobody else to tell
-                    logger.exception("closing a generator of %r failed", entry.worker.name)
-
-        self._retired.add(entry.worker)
-        await entry.worker.stop(finalize=finalize if gens else None)
-        self._retired.discard(entry.worker)
-
-    async def _stop_worker(self, worker: InstanceWorker) -> None:
-        await worker.stop()
-        self._retired.discard(worker)
 
     # -- instances -------------------------------------------------------------
     async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
@@ -179,18 +216,9 @@ class ThreadExecutor(Executor):
             DuplicateInstanceError: ``name`` (or ``obj``) is already held.
         """
         self.check_running()
-        self.registry.add_instance(obj, name)
-        worker = InstanceWorker(name)
-        entry = _Held(obj, worker)
-        self._held[name] = entry
-        try:
-            await worker.start()
-        except BaseException:
-            self._held.pop(name, None)
-            if self.registry.name_of(obj) == name:
-                self.registry.remove_instance(name)
-            raise
-        self._events.publish(name, "create", {"class": _class_name(obj), "config": config_of(obj)})
+        cls = type(obj)
+        key = (cls.__module__, cls.__qualname__)
+        await self._runtime.create(name, key, functools.partial(_same, obj))
 
     async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
         """Like ``create_remote_instance``; False if ``obj`` is already held as ``name``.
@@ -200,8 +228,9 @@ class ThreadExecutor(Executor):
                 under another name.
         """
         self.check_running()
-        if name in self._held:
-            if self._held[name].obj is obj:
+        instance = self._runtime.instances.get(name)
+        if instance is not None:
+            if instance.obj is obj:
                 return False
             raise DuplicateInstanceError(
                 f"an instance named {name!r} already exists and is another object"
@@ -210,31 +239,27 @@ class ThreadExecutor(Executor):
         return True
 
     async def delete_remote_instance(self, obj: Any) -> None:
-        """Stop ``obj``'s thread (queued calls never start, open generators are
-        closed in that thread) and forget it."""
+        """Delete ``obj`` once the calls made before have run: calls queued
+        after fail, open generators are closed in its thread, the thread stops."""
         self.check_running()
-        name = self.registry.require_name(obj)
-        self.registry.remove_instance(name)
-        entry = self._held.pop(name)
-        self._events.publish(name, "delete", {"class": _class_name(obj), "config": config_of(obj)})
-        await self._stop_held(entry, "the instance was deleted")
+        await self._runtime.delete(self.registry.require_name(obj))
 
     async def get_remote_objects(self) -> list[str]:
         self.check_running()
         await anyio.lowlevel.checkpoint()
         return self.registry.instance_names()
 
-    def _entry(self, obj: Any) -> tuple[str, _Held]:
+    def _instance(self, obj: Any) -> Instance:
         name = self.registry.name_of(obj)
         if name is None:
             name = self.registry.require_name(obj)  # raises the helpful error
-        entry = self._held.get(name)
-        if entry is None:  # put in a shared registry by someone else
+        instance = self._runtime.instances.get(name)
+        if instance is None:  # put in a shared registry by someone else
             raise UnknownInstanceError(
                 f"{name!r} is in the registry but has no thread in this executor: "
                 "create it with `await executor.ensure_remote_instance(obj, name)`"
             )
-        return name, entry
+        return instance
 
     # -- calls -----------------------------------------------------------------
     async def execute(
@@ -251,32 +276,22 @@ class ThreadExecutor(Executor):
         """
         if self._state != "running":
             self.check_running()
-        name, entry = self._entry(obj)
+        instance = self._instance(obj)
         marker, bound = resolve_call(obj, fn, callback, generator=False)
-        args = tuple(args)
-        kwargs = {} if kwargs is None else kwargs
-        on_done: Callable[[Job], None] | None = None
-        if bound is not None or self._events.has_subscribers:
-            events = self._events
-
-            def on_done(job: Job) -> None:
-                if job.state != "done":
-                    return
-                try:
-                    result = job.result()
-                except BaseException:  # noqa: BLE001 - the caller gets it from wait()
-                    return  # the method raised: no event, no callback
-                if events.has_subscribers:
-                    events.publish(
-                        name,
-                        "execute",
-                        {"method": marker.name, "args": args, "kwargs": kwargs, "result": result},
-                    )
-                if bound is not None:
-                    bound(result)
-
-        job = entry.worker.submit(_call, marker.func, obj, args, kwargs, on_done=on_done)
-        return await job.wait()
+        peer = self._peer
+        sid = peer.next_id()
+        answer = _Answer(peer.new_event(), bound)
+        peer.expect(sid, answer)
+        call = self._runtime.call(peer, sid, instance, marker, list(args), kwargs or {})
+        try:
+            await answer.event.wait()
+        except BaseException:
+            peer.abandon(sid)
+            call.on_cancel()  # queued: never starts; running async: cancelled there
+            raise
+        if answer.error is not None:
+            raise answer.error
+        return answer.value
 
     def execute_generator(
         self,
@@ -289,17 +304,13 @@ class ThreadExecutor(Executor):
         """Stream the items of the decorated generator ``gen`` of ``obj``, which
         runs in the instance's thread at most ``window`` items ahead."""
         self.check_running()
-        name, entry = self._entry(obj)
+        instance = self._instance(obj)
         marker, bound = resolve_call(obj, gen, callback, generator=True)
-        args = tuple(args)
-        kwargs = {} if kwargs is None else kwargs
-        # Creating a generator runs none of its body, so it is safe to do here;
-        # every step (and so every line of the body) runs in the worker.
-        generator = marker.func(obj, *args, **kwargs)
-        stream = ThreadStream(
-            entry, generator, marker, bound, self.window, self._events, name, args, kwargs
-        )
-        entry.streams.add(stream)
+        peer = self._peer
+        sid = peer.next_id()
+        stream = ThreadStream(peer, sid, bound)
+        peer.expect(sid, stream)
+        stream.call = self._runtime.call(peer, sid, instance, marker, list(args), kwargs or {})
         return stream
 
     # -- config and properties -------------------------------------------------
@@ -308,12 +319,10 @@ class ThreadExecutor(Executor):
         with None, ``{name: config}`` for every instance."""
         self.check_running()
         if obj is None:
-            return {
-                name: await entry.worker.submit(config_of, entry.obj).wait()
-                for name, entry in list(self._held.items())
-            }
-        _, entry = self._entry(obj)
-        config: dict[str, Any] = await entry.worker.submit(config_of, obj).wait()
+            return await self._runtime.all_configs()
+        config: dict[str, Any] = await self._runtime.run_in_turn(
+            self._instance(obj), functools.partial(config_of, obj)
+        )
         return config
 
     async def get_remote_object_property_data(
@@ -329,8 +338,9 @@ class ThreadExecutor(Executor):
         for attr in names:
             if not isinstance(attr, str) or not attr.isidentifier() or attr.startswith("_"):
                 raise NotAllowedError(f"{attr!r} is not a public attribute name")
-        _, entry = self._entry(obj)
-        data: dict[str, Any] = await entry.worker.submit(_read_attributes, obj, names).wait()
+        data: dict[str, Any] = await self._runtime.run_in_turn(
+            self._instance(obj), functools.partial(_read_attributes, obj, names)
+        )
         return data
 
     # -- clock, imports, channels ----------------------------------------------
@@ -342,24 +352,20 @@ class ThreadExecutor(Executor):
         return sent, remote, time.perf_counter_ns()
 
     async def sleep(self, duration: float | None = None, deadline: float | None = None) -> int:
-        """Sleep ``duration`` seconds, or until ``deadline`` (``time.perf_counter()``
-        seconds); returns ``time.perf_counter_ns()`` on waking.
+        """Sleep ``duration`` seconds, or until ``deadline`` (a ``time.perf_counter_ns()``
+        value, the clock of ``get_echo_clock``); returns that clock on waking.
 
         Raises:
-            ValueError: both ``duration`` and ``deadline`` were given.
+            ValueError: neither or both given, or not a finite number.
         """
         self.check_running()
-        if duration is not None and deadline is not None:
-            raise ValueError("give either duration or deadline, not both")
-        if deadline is not None:
-            duration = deadline - time.perf_counter()
-        await anyio.sleep(max(duration or 0.0, 0.0))
-        return time.perf_counter_ns()
+        return await sleep_until(duration, deadline)
 
-    async def remote_import(self, module: str) -> None:
+    async def remote_import(self, module: str | ModuleType) -> None:
         self.check_running()
+        name = module_name(module)
         await anyio.lowlevel.checkpoint()
-        importlib.import_module(module)
+        importlib.import_module(name)
 
     async def register_remote_class(self, cls: type) -> None:
         self.check_running()
@@ -376,149 +382,92 @@ class ThreadExecutor(Executor):
 class ThreadStream(RemoteStream):
     """The items of a generator running in an instance's worker thread.
 
-    Items are fetched in batches by jobs queued on the instance's worker, so
-    the generator never runs more than ``window`` items ahead of the consumer
-    (items requested but not consumed yet); a new batch is requested once half
-    the window is free, which keeps hand-offs between threads few. ``aclose``
-    (leaving the ``async with``) cancels batches not yet started and closes the
-    generator in the worker thread.
+    Each item is handed over as soon as the generator yields it; the
+    generator runs at most ``window`` items ahead of this consumer (credit is
+    granted back in halves of the window). ``aclose`` (leaving the
+    ``async with``) closes the generator in its thread and waits for that.
     """
 
-    def __init__(
-        self,
-        entry: _Held,
-        gen: Any,
-        marker: RemoteMethod,
-        callback: Callable[[Any], Any] | None,
-        window: int,
-        events: EventHub,
-        name: str,
-        args: tuple[Any, ...],
-        kwargs: dict[str, Any],
-    ) -> None:
-        self._entry = entry
-        self._worker = entry.worker
-        self._gen: Any = gen
-        self._is_async = marker.is_async
-        self._batch = _anext_batch if marker.is_async else _next_batch
+    def __init__(self, peer: _LocalPeer, sid: int, callback: Callable[[Any], Any] | None) -> None:
+        self._peer = peer
+        self._sid = sid
         self._callback = callback
-        self._events = events
-        self._name = name
-        self._method = marker.name
-        self._args = args
-        self._kwargs = kwargs
-        self._window = window
-        self._threshold = max(1, window // 2)
-        self._outstanding = 0  # items requested and not handed to the consumer yet
+        self.call: RuntimeCall | None = None
+        self.credit = peer.window  # items the generator may still produce
+        self._consumed = 0  # consumed since credit was last granted
         self._buffer: deque[Any] = deque()
-        self._pending: deque[Job] = deque()
-        self._outcome: object = None  # _END or the generator's exception, once known
-        self._closed = False
-        self._busy = False
-        self._request()
+        self._ended = False
+        self._error: BaseException | None = None
+        self._wakeup: anyio.Event | None = None
 
-    def _request(self) -> None:
-        free = self._window - self._outstanding
-        if free >= self._threshold:
-            self._pending.append(self._worker.submit(self._batch, self._gen, free))
-            self._outstanding += free
+    # -- from the runtime, on the loop -----------------------------------------
+    def receive(self, items: list[Any]) -> None:
+        self.credit -= len(items)
+        self._buffer.extend(items)
+        self._wake()
 
+    def end(self, error: BaseException | None) -> None:
+        self._ended = True
+        self._error = error
+        self._wake()
+
+    def fail(self, exc: BaseException) -> None:
+        self.end(exc)
+
+    def cut_off(self, exc: BaseException) -> None:
+        """The executor stopped: items not consumed yet are dropped."""
+        self._buffer.clear()
+        self.end(exc)
+
+    def _wake(self) -> None:
+        if self._wakeup is not None:
+            self._wakeup.set()
+
+    # -- the consumer ------------------------------------------------------------
     async def __anext__(self) -> Any:
-        if self._buffer:
-            item = self._buffer.popleft()
-        else:
-            if self._closed:
-                outcome, self._outcome = self._outcome, _END
-                if isinstance(outcome, ExecutorStateError):
-                    raise outcome  # cut off by delete or stop, once
+        while not self._buffer:
+            if self._ended:
+                error, self._error = self._error, None
+                if error is not None:
+                    raise error  # once: then the stream is just over
                 raise StopAsyncIteration
-            if self._busy:
+            if self._wakeup is not None:
                 raise RuntimeError("anext(): another task is already waiting for this stream")
-            if self._outcome is None:
-                self._busy = True
-                try:
-                    await self._receive()
-                finally:
-                    self._busy = False
-            if not self._buffer:
-                outcome, self._outcome = self._outcome, _END
-                self._finish()
-                if isinstance(outcome, BaseException):
-                    raise outcome
-                raise StopAsyncIteration
-            item = self._buffer.popleft()
-        self._outstanding -= 1
-        if self._outcome is None:
-            self._request()
-        if self._events.has_subscribers:
-            self._events.publish(
-                self._name,
-                "execute",
-                {
-                    "method": self._method,
-                    "args": self._args,
-                    "kwargs": self._kwargs,
-                    "result": item,
-                },
-            )
+            self._wakeup = wakeup = self._peer.new_event()
+            try:
+                await wakeup.wait()  # cancelled: no item is lost, the stream goes on
+            finally:
+                self._wakeup = None
+        item = self._buffer.popleft()
+        self._consumed += 1
+        if not self._ended and self._consumed * 2 >= self._peer.window:
+            self.credit += self._consumed
+            self._consumed = 0
+            if self.call is not None:
+                self.call.on_credit()
         if self._callback is not None:
             self._callback(item)
         return item
 
-    async def _receive(self) -> None:
-        """Wait for the next batch and buffer its items."""
-        job = self._pending[0]
-        try:
-            # cancel=False: if this task is cancelled, the batch stays first in
-            # line (no item is lost); aclose cancels it if need be.
-            items, outcome = await job.wait(cancel=False)
-        except BaseException:
-            if job.state in ("done", "cancelled"):  # the batch itself failed
-                closed = self._closed
-                self._finish()
-                if closed:
-                    raise StopAsyncIteration from None
-            raise
-        self._pending.popleft()
-        self._buffer.extend(items)
-        if outcome is not None:
-            self._outcome = outcome
-
-    def _finish(self) -> None:
-        """No more items: forget the generator and the batches still queued."""
-        self._closed = True
-        self._gen = None
-        for job in self._pending:
-            job.cancel()
-        self._pending.clear()
-        self._buffer.clear()
-        self._entry.streams.discard(self)
-
-    def _detach(self, reason: str) -> Any:
-        """Give up the generator (the executor closes it while stopping); the
-        consumer's next ``__anext__`` raises ``ExecutorStateError(reason)``."""
-        gen = self._gen
-        if self._outcome is None:
-            self._outcome = ExecutorStateError(reason)
-        self._finish()
-        return gen
-
     async def aclose(self) -> None:
-        """Cancel batches not yet started and close the generator in its thread
-        (awaited unless the closing task is cancelled). Idempotent."""
-        if self._closed:
+        """Close the generator in its thread (awaited unless the closing task
+        is cancelled); idempotent."""
+        if self._ended:
             await anyio.lowlevel.checkpoint()
+            self._buffer.clear()
             return
-        gen = self._gen
-        finished = self._outcome is not None  # exhausted or raised: nothing to close
-        self._finish()
-        if finished or self._worker.state != "running":
-            await anyio.lowlevel.checkpoint()
-            return
-        job = self._worker.submit(_close_async if self._is_async else _close_sync, gen)
-        await job.wait(cancel=False)
+        call = self.call
+        if call is not None:
+            call.on_cancel()
+        while not self._ended:
+            self._wakeup = wakeup = self._peer.new_event()
+            try:
+                await wakeup.wait()
+            finally:
+                self._wakeup = None
+        self._buffer.clear()
+        self._error = None
 
 
-def _class_name(obj: Any) -> str:
-    cls = type(obj)
-    return f"{cls.__module__}.{cls.__qualname__}"
+def _not_started(*args: Any) -> None:
+    raise ExecutorStateError("the executor is not started")

@@ -29,13 +29,13 @@ from websockets.http11 import Response
 from websockets.protocol import OPEN, SEND_EOF
 from websockets.uri import WebSocketURI, parse_uri
 
-from remote_exec.auth import TOKEN_ENV, TokenRefusedError, client_token, default_token_path
-from remote_exec.exceptions import ConnectionLostError, RemoteExecConnectionError
+from remote_exec.exceptions import ConnectionLostError, RemoteExecConnectionError, TokenRefusedError
 from remote_exec.framing import DEFAULT_MAX_FRAME_SIZE, FrameAssembler
 from remote_exec.protocol import DEFAULT_WINDOW, Limits
 from remote_exec.registry import InstanceRegistry
-from remote_exec.sockets import connect_tcp
-from remote_exec.transport import FrameTransport
+from remote_exec.runtime.auth import TOKEN_ENV, client_token, default_token_path
+from remote_exec.runtime.sockets import connect_tcp
+from remote_exec.runtime.transport import FrameTransport
 
 from .remote import RemoteExecutor
 

@@ -5,7 +5,9 @@
     RemoteExecError
     ├── ExecutorStateError (also RuntimeError)   executor used before start / after stop
     ├── RemoteExecConnectionError (also ConnectionError)
-    │   └── ConnectionLostError                  the peer went away mid-call
+    │   ├── ConnectionLostError                  the peer went away mid-call
+    │   └── TokenRefusedError (also PermissionError)  token missing/wrong, Origin refused
+    ├── TokenFileError (also PermissionError)    token file empty, not private, not a file
     ├── ProtocolError                            a peer broke the wire protocol
     │   ├── FrameError                           bad header, lengths or size cap
     │   └── CodecError                           body could not be encoded/decoded
@@ -14,6 +16,7 @@
     │   ├── DuplicateInstanceError (also ValueError)
     │   └── NotAllowedError (also PermissionError)  off the allow-list, private name
     ├── TooManyCallsError                        per-connection in-flight cap reached
+    ├── CallCancelledError                       the reply to a call its client cancelled
     ├── SubscriberOverflowError                  an event subscriber fell behind
     └── RemoteException                          raised by the remote code itself
 
@@ -21,6 +24,8 @@
 is a builtin exception, the raised object is an instance of a class that derives
 from both ``RemoteException`` and the builtin, so ``except ValueError`` works
 across the wire.
+
+Every class here is also exported by the top-level ``remote_exec`` package.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ import builtins
 from typing import Any
 
 __all__ = [
+    "CallCancelledError",
     "CodecError",
     "ConnectionLostError",
     "DuplicateInstanceError",
@@ -41,9 +47,10 @@ __all__ = [
     "RemoteExecConnectionError",
     "RemoteExecError",
     "SubscriberOverflowError",
+    "TokenFileError",
+    "TokenRefusedError",
     "TooManyCallsError",
     "UnknownInstanceError",
-    "remote_exception",
 ]
 
 
@@ -61,6 +68,15 @@ class RemoteExecConnectionError(RemoteExecError, ConnectionError):
 
 class ConnectionLostError(RemoteExecConnectionError):
     """The connection went away while calls or streams were waiting on it."""
+
+
+class TokenRefusedError(RemoteExecConnectionError, PermissionError):
+    """The server refused the connection: the token is missing or wrong, or the
+    ``Origin`` is not allowed."""
+
+
+class TokenFileError(RemoteExecError, PermissionError):
+    """A token file is missing, empty, or readable by other users."""
 
 
 class ProtocolError(RemoteExecError):
@@ -98,6 +114,10 @@ class TooManyCallsError(RemoteExecError):
     """The connection already has as many calls in flight as the server allows."""
 
 
+class CallCancelledError(RemoteExecError):
+    """The client cancelled the call before it finished (the reply frees its id)."""
+
+
 class SubscriberOverflowError(RemoteExecError):
     """An event subscriber fell too far behind and was dropped."""
 
@@ -129,6 +149,7 @@ _OWN_ERRORS: dict[str, type[RemoteExecError]] = {
         DuplicateInstanceError,
         NotAllowedError,
         TooManyCallsError,
+        CallCancelledError,
         SubscriberOverflowError,
         CodecError,
         ProtocolError,

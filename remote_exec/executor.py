@@ -10,25 +10,26 @@ from __future__ import annotations
 import contextvars
 import functools
 import inspect
+import math
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from types import TracebackType
+from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Self
 
 from .exceptions import ExecutorStateError, NotAllowedError
 from .registry import InstanceRegistry
 
+# The public names (re-exported by ``remote_exec``); the other helpers here
+# (``executor_for``, ``remote_method``, ``resolve_call``, ``module_name``, ...)
+# serve the decorators and the executors.
 __all__ = [
     "NO_CALLBACK",
     "Executor",
     "ExecutorContext",
-    "RemoteMethod",
     "RemoteStream",
     "current_executor",
-    "remote_method",
-    "resolve_call",
 ]
 
 NO_CALLBACK = "#@none"
@@ -44,11 +45,60 @@ def current_executor() -> Executor | None:
     return _current.get()
 
 
+PIN_ATTRIBUTES = ("remote_executor", "pymoa_executor")
+"""Attributes through which an object pins its own executor: remote-exec's name,
+then pymoa-remote's (so objects written for pymoa-remote keep working)."""
+
+_in_place: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "remote_exec_in_place", default=False
+)
+
+
+def executor_for(obj: Any) -> Executor | None:
+    """The executor a decorated method of ``obj`` runs through: the one ``obj``
+    pins (``remote_executor``, else ``pymoa_executor``; None means unpinned),
+    else the innermost ``ExecutorContext``'s, else None (run locally).
+
+    Pins are not followed by code an executor runs (``running_in_place``): it
+    already runs where the object lives, and re-entering the executor from
+    there would queue a call behind the one making it.
+
+    Raises:
+        TypeError: the pinning attribute holds something other than an executor.
+    """
+    for attribute in PIN_ATTRIBUTES:
+        pinned = getattr(obj, attribute, None)
+        if pinned is not None:
+            if not isinstance(pinned, Executor):
+                raise TypeError(
+                    f"{type(obj).__qualname__}.{attribute} must be an executor or None, "
+                    f"not {type(pinned).__qualname__}"
+                )
+            if not _in_place.get():
+                return pinned
+            break
+    return _current.get()
+
+
+@contextmanager
+def running_in_place() -> Iterator[None]:
+    """Mark the code run inside as run by an executor, where its instances
+    live (an instance's worker thread): objects' pinned executors are not
+    followed there, so decorated methods called from it run in place unless
+    an ``ExecutorContext`` entered there says otherwise."""
+    token = _in_place.set(True)
+    try:
+        yield
+    finally:
+        _in_place.reset(token)
+
+
 class ExecutorContext:
     """Make ``executor`` run the decorated methods called inside the block.
 
     Contexts nest (the innermost wins) and are task-local: they live in a
-    ``ContextVar``, so two tasks can use two executors at once.
+    ``ContextVar``, so two tasks can use two executors at once. An object that
+    pins its own executor (see ``executor_for``) ignores them.
     """
 
     def __init__(self, executor: Executor | None) -> None:
@@ -345,13 +395,19 @@ class Executor(ABC):
 
     @abstractmethod
     async def sleep(self, duration: float | None = None, deadline: float | None = None) -> int:
-        """Sleep on the remote side for ``duration`` seconds, or until the remote
-        monotonic ``deadline`` (seconds, as ``time.perf_counter()``); returns the
-        remote time in ns when it woke."""
+        """Sleep on the remote side for ``duration`` seconds, or until ``deadline``,
+        a remote ``time.perf_counter_ns()`` value (the clock and unit of the remote
+        time ``get_echo_clock()`` returns); returns that clock when it woke.
+
+        Raises:
+            ValueError: neither or both given, or not a finite number
+                (``check_sleep``).
+        """
 
     @abstractmethod
-    async def remote_import(self, module: str) -> None:
-        """Import ``module`` on the remote side (it must be on the allow-list)."""
+    async def remote_import(self, module: str | ModuleType) -> None:
+        """Import ``module`` (a module or its dotted name) on the remote side (it
+        must be on the allow-list); ``module_name`` turns either into the name."""
 
     @abstractmethod
     async def register_remote_class(self, cls: type) -> None:
@@ -361,6 +417,33 @@ class Executor(ABC):
     def get_channel_from_remote(self, name: str, channel: str) -> RemoteStream:
         """Events of instance ``name`` ("" for all) on ``channel`` ("create",
         "delete", "execute", or "" for all), as a stream."""
+
+
+def check_sleep(duration: Any, deadline: Any) -> None:
+    """The rule of ``Executor.sleep``'s arguments, the same on every executor.
+
+    Raises:
+        ValueError: neither or both given, or not a finite int or float.
+    """
+    if (duration is None) == (deadline is None):
+        raise ValueError("sleep needs either a duration (s) or a deadline (ns), not both")
+    value = duration if deadline is None else deadline
+    if type(value) not in (int, float) or not math.isfinite(value):
+        raise ValueError(f"sleep needs a finite number, got {value!r}")
+
+
+def module_name(module: str | ModuleType) -> str:
+    """The dotted name of ``module``, given as a module object or as its name
+    (pymoa-remote's ``remote_import`` takes either; only the name travels).
+
+    Raises:
+        TypeError: ``module`` is neither a module nor a string.
+    """
+    if isinstance(module, ModuleType):
+        return module.__name__
+    if isinstance(module, str):
+        return module
+    raise TypeError(f"remote_import takes a module or its name, not {type(module).__name__}")
 
 
 def config_of(obj: Any) -> dict[str, Any]:

@@ -70,12 +70,16 @@ __all__ = ["DEFAULT_WINDOW", "Limits", "RpcConnection", "Side"]
 FramePieces = list[bytes | memoryview]
 
 
-DEFAULT_WINDOW = 256
-"""Stream items a remote generator may run ahead of its consumer by default.
+DEFAULT_WINDOW = 16
+"""Stream items a generator may run ahead of its consumer, on every executor.
 
-Throughput is about ``window / 2`` items per round trip (credit comes back in
-halves), so remote executors want more than a thread does; lower it for large
-items (camera frames) to bound memory in bytes.
+Each item reaches the consumer as soon as it is produced; the window only
+bounds how far a producer runs ahead of a slower consumer. It is small by
+default because a generator often drives hardware: a camera should not
+acquire dozens of frames that a consumer stopping early never asked for.
+Throughput over a network is about ``window / 2`` items per round trip
+(credit comes back in halves): raise it (up to ``Limits.max_credit``) for
+fast streams of many small items.
 """
 
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from .exceptions import CodecError, DuplicateInstanceError, RegistryError, UnknownInstanceError
 
-__all__ = ["Coder", "InstanceRegistry", "register_coder"]
+__all__ = ["InstanceRegistry", "register_coder"]
 
 
 @dataclass(frozen=True, slots=True)

@@ -36,15 +36,15 @@ from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
 import anyio
-import sniffio
 from hypercorn.config import Config
 from hypercorn.protocol.ws_stream import FrameTooLargeError, WebsocketBuffer
 from wsproto.events import Message as WSMessage
 from wsproto.extensions import PerMessageDeflate
 
-from remote_exec.auth import bearer_token, check_token
 from remote_exec.exceptions import ConnectionLostError
 from remote_exec.protocol import Limits
+from remote_exec.runtime.auth import bearer_token, check_token
+from remote_exec.runtime.backend import is_trio
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -543,7 +543,7 @@ async def serve(
 
     harden_hypercorn()
     asgi = cast(Any, app)
-    if sniffio.current_async_library() == "trio":
+    if is_trio():
         from hypercorn.trio import serve as trio_serve
 
         await trio_serve(asgi, config, shutdown_trigger=drained, mode="asgi")

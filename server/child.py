@@ -46,8 +46,8 @@ import anyio
 
 from remote_exec.exceptions import ConnectionLostError
 from remote_exec.protocol import Limits
-from remote_exec.sockets import socket_stream
-from remote_exec.transport import StreamTransport
+from remote_exec.runtime.sockets import socket_stream
+from remote_exec.runtime.transport import StreamTransport
 
 from .dispatch import Dispatcher
 

@@ -51,13 +51,9 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
-from remote_exec.auth import (
-    TOKEN_ENV,
-    TokenFileError,
-    is_loopback_host,
-    load_or_create_token,
-)
+from remote_exec.exceptions import TokenFileError
 from remote_exec.protocol import Limits
+from remote_exec.runtime.auth import TOKEN_ENV, is_loopback_host, load_or_create_token
 
 from .app import (
     DEFAULT_GRACE,

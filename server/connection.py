@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import asyncio
 import logging
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import anyio
 import anyio.lowlevel
-import sniffio
-import trio
 from anyio.abc import TaskGroup
 
 from remote_exec.exceptions import (
@@ -21,38 +18,38 @@ from remote_exec.exceptions import (
 )
 from remote_exec.framing import pack_frames
 from remote_exec.messages import Call, Cancel, Close, Credit, Message
-from remote_exec.protocol import RpcConnection, Side
-from remote_exec.transport import FrameTransport
+from remote_exec.protocol import Limits, RpcConnection, Side
+from remote_exec.registry import InstanceRegistry
+from remote_exec.runtime.backend import threadsafe_call_soon
+from remote_exec.runtime.calls import RUNNING, Runner, RuntimeCall, StreamCall
+from remote_exec.runtime.instances import Instance
+from remote_exec.runtime.transport import FrameTransport
 
-from .calls import Runner, ServerCall, StreamCall
-from .instances import Instance
-
-if TYPE_CHECKING:
-    from .dispatch import Dispatcher
-
-
-__all__ = ["Connection"]
+__all__ = ["Connection", "OpCall"]
 
 logger = logging.getLogger("remote_exec.server")
-
-
-def threadsafe_call_soon() -> Callable[..., object]:
-    """The running loop's thread-safe, FIFO, non-blocking entry point."""
-    if sniffio.current_async_library() == "trio":
-        return trio.lowlevel.current_trio_token().run_sync_soon
-    return asyncio.get_running_loop().call_soon_threadsafe
 
 
 class Connection:
     """One client connection: its protocol state, reader, writer and calls."""
 
-    def __init__(self, dispatcher: Dispatcher, transport: FrameTransport, peer: str) -> None:
-        self.dispatcher = dispatcher
+    def __init__(
+        self,
+        transport: FrameTransport,
+        peer: str,
+        *,
+        registry: InstanceRegistry,
+        limits: Limits,
+        close_grace: float,
+        on_call: Callable[[Connection, Call], None],
+    ) -> None:
         self.transport = transport
         self.peer = peer
-        self.rpc = RpcConnection(Side.SERVER, dispatcher.registry, limits=dispatcher.limits)
+        self.rpc = RpcConnection(Side.SERVER, registry, limits=limits)
+        self.close_grace = close_grace
+        self._on_call = on_call
         self.call_soon = threadsafe_call_soon()
-        self.calls: dict[int, ServerCall] = {}
+        self.calls: dict[int, RuntimeCall] = {}
         self.runners: dict[Instance, Runner] = {}
         self.held: set[str] = set()  # instances this connection created (max_instances)
         self.creating = 0  # ... and is creating right now
@@ -69,7 +66,7 @@ class Connection:
         self._sending = False
         self._writer_failed = False
         self._idle_waiters: list[anyio.Event] = []
-        self._waiting: set[ServerCall] | None = None  # while winding down
+        self._waiting: set[RuntimeCall] | None = None  # while winding down
         self._drained = anyio.Event()
 
     def __repr__(self) -> str:
@@ -79,6 +76,9 @@ class Connection:
     def schedule_flush(self, stream: StreamCall) -> None:
         self._flushes[stream] = None
         self._wakeup.set()
+
+    def credit(self, sid: int) -> int:
+        return self.rpc.credit(sid)
 
     def _usable(self, sid: int) -> bool:
         return self.alive and not self.rpc.closed and self.rpc.is_open(sid)
@@ -121,7 +121,7 @@ class Connection:
         self.rpc.send_items(sid, items)
         self._wakeup.set()
 
-    def forget(self, call: ServerCall) -> None:
+    def forget(self, call: RuntimeCall) -> None:
         """``call``'s work is over."""
         if self.calls.get(call.sid) is call:
             del self.calls[call.sid]
@@ -243,7 +243,7 @@ class Connection:
     def on_call(self, message: Message) -> None:
         assert isinstance(message, Call)
         try:
-            self.dispatcher._dispatch_call(self, message)
+            self._on_call(self, message)
         except Exception as exc:
             logger.exception("could not dispatch call %d", message.stream_id)
             self.calls.pop(message.stream_id, None)
@@ -269,10 +269,16 @@ class Connection:
         runner = self.runners.get(instance)
         if runner is None or not runner.alive:
             assert self.tg is not None
-            runner = self.runners[instance] = Runner(self, instance)
-            instance.runners.add(runner)
-            self.tg.start_soon(runner.run)
+            runner = self.runners[instance] = Runner(instance)
+            self.tg.start_soon(self._run_runner, runner)
         return runner
+
+    async def _run_runner(self, runner: Runner) -> None:
+        try:
+            await runner.run()
+        finally:
+            if self.runners.get(runner.instance) is runner:
+                del self.runners[runner.instance]
 
     def shutdown(self, reason: str) -> None:
         """Server shutdown: fail every open call, say goodbye, stop reading."""
@@ -292,14 +298,14 @@ class Connection:
     async def wind_down(self) -> None:
         """Cancel what this connection started and close its generators (bounded)."""
         self.alive = False
-        waiting: set[ServerCall] = set()
+        waiting: set[RuntimeCall] = set()
         for call in list(self.calls.values()):
             try:
                 if call.abandon() and self.calls.get(call.sid) is call:
                     waiting.add(call)
             except Exception:
                 logger.exception("could not abandon %r", call)
-        grace = self.dispatcher.close_grace
+        grace = self.close_grace
         if waiting:
             self._waiting = waiting
             with anyio.move_on_after(grace):
@@ -317,6 +323,39 @@ class Connection:
             except Exception:
                 logger.exception("could not release %r", call)
         self.calls.clear()
+
+
+class OpCall(RuntimeCall):
+    """A server operation that runs as a task of the connection."""
+
+    __slots__ = ("cancelled", "conn", "credit_event", "scope", "stream")
+
+    def __init__(self, conn: Connection, sid: int, stream: bool) -> None:
+        super().__init__(conn, sid, RUNNING)
+        self.conn = conn
+        self.stream = stream
+        self.scope: anyio.CancelScope | None = None
+        self.credit_event = anyio.Event()
+        # Its task may not have started yet when a Cancel (or the end of the
+        # connection) arrives: remembered here, it cancels the task's scope at once.
+        self.cancelled = False
+
+    def on_cancel(self) -> None:
+        self.cancelled = True
+        if self.scope is not None:
+            self.scope.cancel()
+
+    def on_credit(self) -> None:
+        self.credit_event.set()
+
+    async def wait_credit(self) -> None:
+        while self.conn.rpc.credit(self.sid) <= 0:
+            self.credit_event = anyio.Event()
+            await self.credit_event.wait()
+
+    def abandon(self) -> bool:
+        self.on_cancel()
+        return True
 
 
 _HANDLERS: dict[type, Callable[[Connection, Message], None]] = {

@@ -1,39 +1,13 @@
-"""The request dispatcher: calls from connections to named instances.
+"""The request dispatcher: protocol messages to the instance runtime.
 
-One ``Dispatcher`` serves every connection of a server (the daemon's websockets,
-or the process executor's single socket). Instances are server-wide: any
-connection may call any instance by name. The pieces live beside it:
-``instances`` (an instance and its FIFO), ``calls`` (one class per way a call
-runs) and ``connection`` (one client's reader, writer and calls in flight).
-
-Ordering. Each instance has one FIFO of *entries* (method calls, generator
-steps, internal jobs and exclusive turns). Only the head entry is active; when
-it finishes, the next one starts. Nothing relies on lock fairness or on the
-order in which the scheduler wakes tasks (trio shuffles it): the queue *is* the
-order. An entry starts in one of three ways:
-
-* sync work (sync methods, sync generator steps, property reads) is submitted
-  to the instance's ``InstanceWorker`` thread; its ``on_done`` hand-off, on the
-  server loop, sends the reply and starts the next entry. No task is spawned
-  for a sync call: this is the hot path.
-* async work (async methods, async generator steps) is handed to the runner
-  task that the calling connection keeps for that instance; it runs on the
-  server loop inside a cancel scope.
-* an exclusive turn (``delete_instance``) wakes the task that waits for it.
-
-Streams. A generator call is a stream entry that produces at most the credit
-the client granted per step, then goes back to the tail of the FIFO (other calls
-to the instance interleave between steps) or parks until a ``Credit`` arrives.
-Items go to the stream's buffer as they are produced; the connection's writer
-task drains every buffer into one ``StreamItems`` frame per stream whenever it
-gets to run, so items ready together travel together and a slow consumer
-stops the producer (no credit, no step).
-
-Cancellation. A ``Cancel`` drops a queued call (answered with a failure so its
-id is freed), cancels a running async method, lets a running sync method
-finish (its result is still sent), and closes a stream's generator where it
-runs (its ``finally`` runs) before ending the stream with ``StreamEnd``. A
-connection that goes away is wound down the same way, without replies.
+One ``Dispatcher`` serves every connection of a server (the daemon's
+websockets, or the process executor's single socket). Instances are
+server-wide: any connection may call any instance by name. How calls are
+queued, run, cancelled and closed is the runtime's (``remote_exec.runtime``,
+shared with ThreadExecutor); this module checks what clients ask for
+(allow-list, decorated methods, caps), creates classes, and serves the
+server operations; ``connection`` holds one client's reader, writer and
+calls in flight.
 """
 
 from __future__ import annotations
@@ -44,7 +18,6 @@ import hashlib
 import importlib
 import importlib.util
 import logging
-import math
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -55,9 +28,8 @@ import anyio
 import anyio.lowlevel
 
 from remote_exec import registry as registry_module
-from remote_exec.events import EventHub
 from remote_exec.exceptions import (
-    DuplicateInstanceError,
+    CallCancelledError,
     NotAllowedError,
     ProtocolError,
     SubscriberOverflowError,
@@ -67,22 +39,13 @@ from remote_exec.executor import RemoteMethod, check_channel, config_of, remote_
 from remote_exec.messages import Call
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
-from remote_exec.transport import FrameTransport
-from remote_exec.worker import InstanceWorker
+from remote_exec.runtime.events import EventHub
+from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
+from remote_exec.runtime.transport import FrameTransport
 
-from .calls import (
-    AsyncCall,
-    CallCancelledError,
-    InlineCall,
-    OpCall,
-    ServerCall,
-    StreamCall,
-    SyncCall,
-)
-from .connection import Connection
-from .instances import Instance, InternalJob, exclusive
+from .connection import Connection, OpCall
 
-__all__ = ["CallCancelledError", "Dispatcher"]
+__all__ = ["Dispatcher"]
 
 logger = logging.getLogger("remote_exec.server")
 
@@ -145,8 +108,9 @@ class Dispatcher:
         self.events = EventHub(
             self.limits.max_queued_events if max_queued_events is None else max_queued_events
         )
-        self._instances: dict[str, Instance] = {}
-        self._creating: dict[str, anyio.Event] = {}
+        self.runtime = InstanceRuntime(
+            self.registry, self.events, threads_have_loops=False, close_grace=close_grace
+        )
         self._connections: set[Connection] = set()
         self._methods: dict[tuple[type, str], RemoteMethod] = {}
         self._main_modules: dict[str, ModuleType] = {}
@@ -162,7 +126,14 @@ class Dispatcher:
         if self._closed:
             await self._refuse(transport)
             return
-        conn = Connection(self, transport, peer)
+        conn = Connection(
+            transport,
+            peer,
+            registry=self.registry,
+            limits=self.limits,
+            close_grace=self.close_grace,
+            on_call=self.dispatch_call,
+        )
         self._connections.add(conn)
         logger.info("connection opened: %s", peer or "(unnamed peer)")
         try:
@@ -194,21 +165,7 @@ class Dispatcher:
         with anyio.move_on_after(2 * self.close_grace, shield=True):
             for conn in connections:
                 await conn.finished.wait()
-        instances = list(self._instances.values())
-        self._instances.clear()
-        for instance in instances:
-            instance.deleted = True
-            try:
-                self.registry.remove_instance(instance.name)
-            except UnknownInstanceError:
-                pass
-            for runner in list(instance.runners):
-                runner.stop()
-            with anyio.move_on_after(self.close_grace, shield=True):
-                try:
-                    await instance.worker.stop()
-                except Exception:
-                    logger.exception("the worker of %r failed to stop", instance.name)
+        await self.runtime.close()
         self.events.close()
         logger.info("dispatcher closed")
 
@@ -217,10 +174,10 @@ class Dispatcher:
         return {
             "connections": len(self._connections),
             "peers": sorted(conn.peer for conn in self._connections),
-            "instances": len(self._instances),
-            "instance_names": list(self._instances),
+            "instances": len(self.runtime.instances),
+            "instance_names": list(self.runtime.instances),
             "calls_in_flight": sum(conn.rpc.in_flight for conn in self._connections),
-            "queued": sum(instance.waiting() for instance in self._instances.values()),
+            "queued": self.runtime.queued(),
             "subscribers": self.events.has_subscribers,
         }
 
@@ -236,17 +193,6 @@ class Dispatcher:
                 pass
             await transport.aclose()
 
-    def publish_execute(
-        self, name: str, method: str, args: list[Any], kwargs: dict[str, Any], result: Any
-    ) -> None:
-        events = self.events
-        if events.has_subscribers:
-            events.publish(
-                name,
-                "execute",
-                {"method": method, "args": args, "kwargs": kwargs, "result": result},
-            )
-
     def _method(self, cls: type, name: str) -> RemoteMethod:
         key = (cls, name)
         marker = self._methods.get(key)
@@ -255,14 +201,15 @@ class Dispatcher:
             self._methods[key] = marker
         return marker
 
-    def _dispatch_call(self, conn: Connection, message: Call) -> None:
+    def dispatch_call(self, conn: Connection, message: Call) -> None:
+        """Act on a ``Call``: a method of an instance, or a server operation."""
         sid = message.stream_id
         if not conn.alive:
             return
         if not message.target:
             self._dispatch_op(conn, message)
             return
-        instance = self._instances.get(message.target)
+        instance = self.runtime.instances.get(message.target)
         if instance is None:
             conn.fail(sid, UnknownInstanceError(f"no instance named {message.target!r} is held"))
             return
@@ -275,24 +222,7 @@ class Dispatcher:
             kind = "a generator" if marker.is_generator else "not a generator"
             conn.fail(sid, TypeError(f"{message.target}.{message.method} is {kind}"))
             return
-        call: SyncCall | AsyncCall
-        if marker.is_generator:
-            runner = conn.runner_for(instance) if marker.is_async else None
-            stream = StreamCall(conn, sid, instance, marker, message.args, message.kwargs, runner)
-            conn.calls[sid] = stream
-            stream.begin()
-            return
-        if marker.is_async:
-            call = AsyncCall(
-                conn, sid, instance, marker, message.args, message.kwargs, conn.runner_for(instance)
-            )
-        else:
-            call_class = SyncCall if marker.blocking else InlineCall
-            call = call_class(
-                conn, sid, instance, marker.func, message.args, message.kwargs, marker.name
-            )
-        conn.calls[sid] = call
-        instance.enqueue(call)
+        self.runtime.call(conn, sid, instance, marker, message.args, message.kwargs)
 
     def _dispatch_op(self, conn: Connection, message: Call) -> None:
         sid = message.stream_id
@@ -428,16 +358,10 @@ class Dispatcher:
         return time.perf_counter_ns()
 
     def _op_list_instances(self, conn: Connection, sid: int) -> list[str]:
-        return list(self._instances)
-
-    def _instance(self, name: Any) -> Instance:
-        instance = self._instances.get(name) if isinstance(name, str) else None
-        if instance is None:
-            raise UnknownInstanceError(f"no instance named {name!r} is held")
-        return instance
+        return list(self.runtime.instances)
 
     def _op_get_properties(self, conn: Connection, sid: int, name: Any, names: Any) -> object:
-        instance = self._instance(name)
+        instance = self.runtime.get(name)
         if not isinstance(names, list) or not all(isinstance(n, str) for n in names):
             raise TypeError("property names must be a list of strings")
         for attr in names:
@@ -448,7 +372,7 @@ class Dispatcher:
         def read() -> dict[str, Any]:
             return {attr: getattr(obj, attr) for attr in names}
 
-        self._enqueue_internal_call(conn, sid, instance, read)
+        self.runtime.read(conn, sid, instance, read)
         return _NO_REPLY
 
     def _op_get_config(self, conn: Connection, sid: int, name: Any) -> object:
@@ -458,29 +382,13 @@ class Dispatcher:
             assert conn.tg is not None
             conn.tg.start_soon(self._run_op, call, self._all_configs, [])
             return _NO_REPLY
-        instance = self._instance(name)
+        instance = self.runtime.get(name)
         obj = instance.obj
-        self._enqueue_internal_call(conn, sid, instance, lambda: config_of(obj))
+        self.runtime.read(conn, sid, instance, lambda: config_of(obj))
         return _NO_REPLY
 
-    def _enqueue_internal_call(
-        self, conn: Connection, sid: int, instance: Instance, fn: Callable[[], Any]
-    ) -> None:
-        # Read in the instance's thread and in its FIFO: attributes may be
-        # properties that talk to hardware, and reads see earlier calls' effects.
-        call = SyncCall(conn, sid, instance, fn, [], {}, None)
-        conn.calls[sid] = call
-        instance.enqueue(call)
-
     async def _all_configs(self, conn: Connection, call: OpCall) -> dict[str, Any]:
-        configs: dict[str, Any] = {}
-        for name, instance in list(self._instances.items()):
-            obj = instance.obj
-            try:
-                configs[name] = await InternalJob(instance, functools.partial(config_of, obj)).run()
-            except UnknownInstanceError:
-                continue  # deleted meanwhile
-        return configs
+        return await self.runtime.all_configs()
 
     async def _op_create_instance(
         self,
@@ -503,47 +411,31 @@ class Dispatcher:
             or not isinstance(config, dict)
         ):
             raise TypeError("create_instance takes args as a list, kwargs and config as maps")
-        key = (module, qualname)
-        while True:
-            pending = self._creating.get(name)
-            if pending is None:
-                break
-            await pending.wait()
-        existing = self._instances.get(name)
-        if existing is not None:
-            if exist_ok and existing.key == key:
-                return False
-            raise DuplicateInstanceError(f"an instance named {name!r} already exists")
-        self._check_instance_caps(conn)
-        done = self._creating[name] = anyio.Event()
-        conn.creating += 1
+        cls = await self._resolve_class(module, qualname, main_path)
+        allowed = set(getattr(cls, "_config_props_", ()))
+        for prop in config:
+            if prop not in allowed or not isinstance(prop, str) or prop.startswith("__"):
+                raise NotAllowedError(f"{prop!r} is not in {qualname}._config_props_")
+        counted = False
+
+        def check() -> None:
+            nonlocal counted
+            self._check_instance_caps(conn)
+            conn.creating += 1
+            counted = True
+
         try:
-            cls = await self._resolve_class(module, qualname, main_path)
-            allowed = set(getattr(cls, "_config_props_", ()))
-            for prop in config:
-                if prop not in allowed or not isinstance(prop, str) or prop.startswith("__"):
-                    raise NotAllowedError(f"{prop!r} is not in {qualname}._config_props_")
-            worker = InstanceWorker(name, coroutines=False)  # async methods run on our loop
-            await worker.start()
-            try:
-                job = worker.submit(_construct, cls, args, kwargs, config)
-                obj, actual_config = await job.wait()
-                self.registry.add_instance(obj, name)
-            except BaseException:
-                with anyio.move_on_after(self.close_grace, shield=True):
-                    await worker.stop()
-                raise
-            self._instances[name] = Instance(name, obj, key, worker, conn.held)
-            conn.held.add(name)
+            return await self.runtime.create(
+                name,
+                (module, qualname),
+                functools.partial(_construct, cls, args, kwargs, config),
+                exist_ok=bool(exist_ok),
+                owner=conn.held,
+                check=check,
+            )
         finally:
-            conn.creating -= 1
-            del self._creating[name]
-            done.set()
-        logger.info("instance %r created (%s.%s)", name, module, qualname)
-        self.events.publish(
-            name, "create", {"class": f"{module}.{qualname}", "config": actual_config}
-        )
-        return True
+            if counted:
+                conn.creating -= 1
 
     def _check_instance_caps(self, conn: Connection) -> None:
         limits = self.limits
@@ -552,54 +444,19 @@ class Dispatcher:
                 f"this connection already holds {limits.max_instances} instances, the cap "
                 "(--max-instances): delete some first"
             )
-        if len(self._instances) + len(self._creating) >= limits.max_server_instances:
+        if len(self.runtime) >= limits.max_server_instances:
             raise NotAllowedError(
                 f"the server already holds {limits.max_server_instances} instances, the cap "
                 "(--max-server-instances)"
             )
 
     async def _op_delete_instance(self, conn: Connection, call: OpCall, name: Any) -> None:
-        instance = self._instance(name)
-        # Gone at once for new calls; calls already queued run first.
-        del self._instances[instance.name]
-        if instance.owner is not None:
-            instance.owner.discard(instance.name)
-        self.registry.remove_instance(instance.name)
-        with anyio.CancelScope(shield=True):
-            async with exclusive(instance):
-                instance.deleted = True
-                await self._tear_down(instance)
-        logger.info("instance %r deleted", instance.name)
-        self.events.publish(instance.name, "delete", {"class": ".".join(instance.key)})
-
-    async def _tear_down(self, instance: Instance) -> None:
-        """Close the instance's generators and stop its thread (holding its turn)."""
-        for stream in list(instance.streams):
-            try:
-                await stream.close_now()
-            except Exception:
-                logger.exception("could not close %r", stream)
-        for entry in list(instance.queue)[1:]:
-            instance.queue.remove(entry)  # nothing else can be queued: fail-safe
-            if isinstance(entry, ServerCall):
-                entry.conn.fail(entry.sid, UnknownInstanceError(f"{instance.name!r} was deleted"))
-                entry.conn.forget(entry)
-        for runner in list(instance.runners):
-            runner.stop()
-        with anyio.move_on_after(self.close_grace):
-            await instance.worker.stop()
+        await self.runtime.delete(name)
 
     async def _op_sleep(
         self, conn: Connection, call: OpCall, duration: Any = None, deadline: Any = None
     ) -> int:
-        for value in (duration, deadline):
-            if value is not None and (type(value) not in (int, float) or not math.isfinite(value)):
-                raise ValueError("sleep needs a finite number of seconds")
-        if deadline is not None:
-            await anyio.sleep(max(deadline - time.perf_counter(), 0))
-        else:
-            await anyio.sleep(max(duration or 0, 0))
-        return time.perf_counter_ns()
+        return await sleep_until(duration, deadline)
 
     async def _op_import_module(self, conn: Connection, call: OpCall, module: Any) -> None:
         await self._import(self._check_module(module))
@@ -631,14 +488,12 @@ class Dispatcher:
         return _NO_REPLY
 
 
-def _construct(
-    cls: type, args: list[Any], kwargs: dict[str, Any], config: dict[str, Any]
-) -> tuple[Any, dict[str, Any]]:
-    """Build an instance in its own thread and apply its config."""
+def _construct(cls: type, args: list[Any], kwargs: dict[str, Any], config: dict[str, Any]) -> Any:
+    """Build an instance (in its own thread) and apply its config."""
     obj = cls(*args, **kwargs)
     for prop, value in config.items():
         setattr(obj, prop, value)
-    return obj, config_of(obj)
+    return obj
 
 
 def _load_main(path: str, name: str) -> ModuleType:

@@ -17,7 +17,8 @@ import anyio
 import anyio.lowlevel
 from anyio.lowlevel import RunVar
 
-from remote_exec import apply_executor, apply_generator_executor, testing
+from remote_exec import apply_executor, apply_generator_executor
+from remote_exec.server import testing
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -92,7 +93,7 @@ class Probe:
 
 
 class DaemonProcess(testing.DaemonProcess):
-    """``remote_exec.testing.DaemonProcess`` run from the repository, so that
+    """``remote_exec.server.testing.DaemonProcess`` run from the repository, so that
     the daemon can import the test modules (``tests.*``)."""
 
     def __init__(

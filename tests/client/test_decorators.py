@@ -260,3 +260,84 @@ async def typed_calls(thing: Thing) -> int:
 
 async def test_typed_calls_run() -> None:
     assert await typed_calls(Thing()) == 3
+
+
+# -- an object that pins its own executor -----------------------------------------------
+class Pinned(Thing):
+    """A Thing that may pin an executor, by remote-exec's or pymoa-remote's name."""
+
+    remote_executor: ThreadExecutor | None = None
+    pymoa_executor: ThreadExecutor | None = None
+
+    @apply_executor
+    async def nested(self) -> tuple[str, str]:
+        """A decorated call made from inside one: it runs in place."""
+        return threading.current_thread().name, await self.thread_name()
+
+
+async def test_a_pinned_executor_wins_over_the_context() -> None:
+    pinned = Pinned()
+    async with (
+        ThreadExecutor(init_context=False) as own,
+        ThreadExecutor(init_context=False) as other,
+    ):
+        await own.ensure_remote_instance(pinned, "own")
+        await other.ensure_remote_instance(pinned, "other")
+        pinned.remote_executor = own
+        assert current_executor() is None
+        assert await pinned.thread_name() == "remote-exec worker own"
+        with ExecutorContext(other):
+            assert await pinned.thread_name() == "remote-exec worker own"
+            async with pinned.count(3) as items:
+                assert [item async for item in items] == [0, 1, 2]
+            assert pinned.closed_in != threading.get_ident()  # closed in own's thread
+        # Unpinned again (None): the context decides, as for any object.
+        pinned.remote_executor = None
+        with ExecutorContext(other):
+            assert await pinned.thread_name() == "remote-exec worker other"
+        assert await pinned.thread_name() == threading.current_thread().name
+
+
+async def test_pymoa_remotes_attribute_pins_too() -> None:
+    pinned = Pinned()
+    async with (
+        ThreadExecutor(init_context=False) as pymoa,
+        ThreadExecutor(init_context=False) as ours,
+    ):
+        await pymoa.ensure_remote_instance(pinned, "pymoa")
+        await ours.ensure_remote_instance(pinned, "ours")
+        pinned.pymoa_executor = pymoa
+        assert await pinned.thread_name() == "remote-exec worker pymoa"
+        assert await pinned.times_ten(2) == 20
+        assert pinned.seen == [20]  # the callback still runs, on the calling side
+        pinned.remote_executor = ours  # remote-exec's own name comes first
+        assert await pinned.thread_name() == "remote-exec worker ours"
+
+
+async def test_a_pinned_object_held_nowhere_says_how_to_register() -> None:
+    pinned = Pinned()
+    async with ThreadExecutor(init_context=False) as executor:
+        pinned.remote_executor = executor
+        with pytest.raises(UnknownInstanceError, match="register it first"):
+            await pinned.add(1)
+
+
+async def test_calls_made_inside_a_pinned_method_run_in_place() -> None:
+    """Code the executor runs does not re-enter it through the pin (it would
+    queue a call behind the one making it)."""
+    pinned = Pinned()
+    async with ThreadExecutor(init_context=False) as executor:
+        await executor.ensure_remote_instance(pinned, "pinned")
+        pinned.remote_executor = executor
+        with anyio.fail_after(5):
+            outer, inner = await pinned.nested()
+        assert outer == inner == "remote-exec worker pinned"
+
+
+async def test_a_pin_that_is_not_an_executor_is_refused() -> None:
+    pinned = Pinned()
+    pinned.remote_executor = "ws://127.0.0.1:8765"  # type: ignore[assignment]
+    with pytest.raises(TypeError, match=r"Pinned.remote_executor must be an executor or None"):
+        await pinned.add(1)
+    with pytest.raises(TypeError, match="not str"):
+        pinned.count(1)

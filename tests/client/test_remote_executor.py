@@ -11,9 +11,9 @@ from anyio.abc import TaskGroup
 
 from remote_exec.client.remote import RemoteExecutor
 from remote_exec.exceptions import ConnectionLostError
+from remote_exec.runtime.transport import FrameTransport
 from remote_exec.server.dispatch import Dispatcher
-from remote_exec.testing import MemoryFrameTransport, memory_transport_pair
-from remote_exec.transport import FrameTransport
+from remote_exec.server.testing import MemoryFrameTransport, memory_transport_pair
 from tests.instruments import Device
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""``remote_exec.sockets``: the byte streams the process and websocket executors read and write."""
+"""``remote_exec.runtime.sockets``: the byte streams the process and websocket executors read and write."""
 
 from __future__ import annotations
 
@@ -15,8 +15,8 @@ from anyio.abc import ByteStream, SocketAttribute
 
 from remote_exec.exceptions import ConnectionLostError
 from remote_exec.framing import CODEC_MSGPACK, encode_frame
-from remote_exec.sockets import ProtocolStream, connect_tcp, socket_stream
-from remote_exec.transport import StreamTransport
+from remote_exec.runtime.sockets import ProtocolStream, connect_tcp, socket_stream
+from remote_exec.runtime.transport import StreamTransport
 
 pytestmark = pytest.mark.anyio
 

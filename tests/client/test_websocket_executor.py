@@ -16,19 +16,19 @@ from anyio.abc import SocketAttribute, SocketStream, TaskStatus
 from websockets.http11 import Request
 from websockets.server import ServerProtocol
 
-from remote_exec.auth import (
-    TokenFileError,
-    check_token,
-    client_token,
-    default_token_path,
-    load_or_create_token,
-    read_token_file,
-)
 from remote_exec.client.websocket import WebSocketExecutor
 from remote_exec.exceptions import (
     ConnectionLostError,
     ExecutorStateError,
     RemoteExecConnectionError,
+    TokenFileError,
+)
+from remote_exec.runtime.auth import (
+    check_token,
+    client_token,
+    default_token_path,
+    load_or_create_token,
+    read_token_file,
 )
 from tests.ws_instruments import DaemonProcess, Probe
 

@@ -9,6 +9,7 @@ instance's ``tag`` so that tests never see each other's state.
 from __future__ import annotations
 
 import threading
+import time
 from collections import defaultdict
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -157,3 +158,69 @@ class Device:
     def failing(self, n: int) -> Iterator[int]:
         yield from range(n)
         raise ValueError(f"broke after {n}")
+
+
+class Acquisition:
+    """An acquisition instrument for the parity tests (test_parity.py): slow and
+    fast generators, sync and async, whose progress is read back as attributes."""
+
+    _config_props_ = ("exposure", "label")
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+        self.exposure = 10
+        self.label = "default"
+        self.produced = 0  # items the last fast stream produced
+        self.closed = False  # whether the last fast stream's finally ran
+
+    @apply_executor
+    def scale(self, value: int, factor: int = 1) -> int:
+        return value * factor
+
+    @apply_generator_executor
+    def frames(self, n: int, interval: float) -> Iterator[tuple[int, float]]:
+        """A slow instrument: one frame every ``interval`` seconds, stamped with
+        ``time.monotonic()`` (system-wide on Linux) just before it is yielded."""
+        for i in range(n):
+            if i:
+                time.sleep(interval)
+            yield i, time.monotonic()
+
+    @apply_generator_executor
+    async def aframes(self, n: int, interval: float) -> AsyncIterator[tuple[int, float]]:
+        for i in range(n):
+            if i:
+                await anyio.sleep(interval)
+            yield i, time.monotonic()
+
+    @apply_generator_executor
+    def fast(self, n: int) -> Iterator[int]:
+        """Produces as fast as it is allowed to, counting what it produced."""
+        self.produced, self.closed = 0, False
+        try:
+            for i in range(n):
+                self.produced += 1
+                yield i
+        finally:
+            self.closed = True
+
+    @apply_generator_executor
+    async def afast(self, n: int) -> AsyncIterator[int]:
+        self.produced, self.closed = 0, False
+        try:
+            for i in range(n):
+                self.produced += 1
+                yield i
+        finally:
+            self.closed = True
+
+    @apply_generator_executor
+    def items(self, n: int, prefix: str = "") -> Iterator[str]:
+        for i in range(n):
+            yield f"{prefix}{i}"
+
+    @apply_generator_executor
+    async def aitems(self, n: int, prefix: str = "") -> AsyncIterator[str]:
+        for i in range(n):
+            await anyio.lowlevel.checkpoint()
+            yield f"{prefix}{i}"

@@ -339,7 +339,7 @@ async def test_clock_and_sleep(executor: Executor) -> None:
     before = (await executor.get_echo_clock())[1]
     woke = await executor.sleep(0.01)
     assert woke - before >= 10_000_000
-    woke_again = await executor.sleep(deadline=woke / 1e9 + 0.01)
+    woke_again = await executor.sleep(deadline=woke + 10_000_000)  # the remote clock, in ns
     assert woke_again >= woke + 10_000_000
 
 

@@ -45,7 +45,7 @@ from remote_exec.messages import (
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.server.dispatch import Dispatcher
-from remote_exec.testing import memory_transport_pair
+from remote_exec.server.testing import memory_transport_pair
 from tests.core.helpers import join
 from tests.server.test_dispatch import connect, serving
 

@@ -755,7 +755,7 @@ async def test_a_byte_stream_cut_mid_frame_ends_that_connection_cleanly() -> Non
 
     from anyio.abc import SocketStream
 
-    from remote_exec.transport import StreamTransport
+    from remote_exec.runtime.transport import StreamTransport
 
     frame = VALID_CALL
     async with serving() as dispatcher:

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 from hypercorn.config import Config
 
-from remote_exec import auth
 from remote_exec.client.process import ProcessExecutor
 from remote_exec.client.websocket import WebSocketExecutor
 from remote_exec.protocol import Limits
+from remote_exec.runtime import auth
 from remote_exec.server import cli
 from remote_exec.server.dispatch import Dispatcher
 from tests.ws_instruments import run_cli

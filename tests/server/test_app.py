@@ -14,12 +14,12 @@ from typing import Any
 import anyio
 import pytest
 
-from remote_exec.auth import TokenRefusedError
 from remote_exec.client.websocket import WebSocketExecutor, connect_websocket
 from remote_exec.exceptions import (
     ConnectionLostError,
     RemoteException,
     RemoteExecConnectionError,
+    TokenRefusedError,
 )
 from remote_exec.framing import FrameAssembler
 from remote_exec.protocol import Limits

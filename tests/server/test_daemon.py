@@ -234,9 +234,9 @@ async def test_sigkill_mid_call_raises_connection_lost(daemon: DaemonProcess) ->
 async def test_the_library_daemon_launcher_starts_serves_and_stops(
     anyio_backend: str, clean_env: dict[str, str], tmp_path: Path
 ) -> None:
-    """``remote_exec.testing.DaemonProcess`` as a user's own tests would use it:
+    """``remote_exec.server.testing.DaemonProcess`` as a user's own tests would use it:
     from any directory, a real daemon on a free loopback port, stopped gracefully."""
-    from remote_exec.testing import DaemonProcess as LibraryDaemon
+    from remote_exec.server.testing import DaemonProcess as LibraryDaemon
 
     with LibraryDaemon("--backend", anyio_backend, env=clean_env, token=TOKEN, cwd=tmp_path) as d:
         assert d.url.startswith("ws://127.0.0.1:")
@@ -253,7 +253,7 @@ async def test_the_library_daemon_launcher_starts_serves_and_stops(
 def test_the_library_daemon_launcher_reports_a_daemon_that_cannot_start(
     clean_env: dict[str, str], tmp_path: Path
 ) -> None:
-    from remote_exec.testing import DaemonProcess as LibraryDaemon
+    from remote_exec.server.testing import DaemonProcess as LibraryDaemon
 
     with pytest.raises(RuntimeError, match="did not start"):
         LibraryDaemon("--max-message-size", "-1", env=clean_env, cwd=tmp_path)

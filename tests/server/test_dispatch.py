@@ -33,7 +33,7 @@ from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, Str
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.server.dispatch import Dispatcher
-from remote_exec.testing import MemoryFrameTransport, memory_transport_pair
+from remote_exec.server.testing import MemoryFrameTransport, memory_transport_pair
 from tests import instruments
 from tests.instruments import CLOSED, PRODUCED, SIGNALS, gate, started
 

@@ -13,8 +13,8 @@ from typing import Any
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .exceptions import SubscriberOverflowError
-from .executor import RemoteStream, check_channel
+from remote_exec.exceptions import SubscriberOverflowError
+from remote_exec.executor import RemoteStream, check_channel
 
 __all__ = ["EventHub", "Subscription"]
 

@@ -31,13 +31,11 @@ import stat
 import tempfile
 from pathlib import Path
 
-from .exceptions import RemoteExecConnectionError, RemoteExecError
+from remote_exec.exceptions import TokenFileError
 
 __all__ = [
     "TOKEN_ENV",
     "TOKEN_FILE_ENV",
-    "TokenFileError",
-    "TokenRefusedError",
     "bearer_token",
     "check_token",
     "client_token",
@@ -55,15 +53,6 @@ TOKEN_FILE_ENV = "REMOTE_EXEC_TOKEN_FILE"
 
 # Only POSIX permission bits say who can read a file.
 _CHECK_MODE = os.name == "posix"
-
-
-class TokenFileError(RemoteExecError, PermissionError):
-    """A token file is missing, empty, or readable by other users."""
-
-
-class TokenRefusedError(RemoteExecConnectionError, PermissionError):
-    """The server refused the connection: the token is missing or wrong, or the
-    ``Origin`` is not allowed."""
 
 
 def default_token_path() -> Path:

@@ -46,15 +46,16 @@ from typing import Any, Final
 
 import anyio
 import anyio.lowlevel
-import sniffio
 import trio
 from anyio.lowlevel import RunVar
 
-from .exceptions import ExecutorStateError
+from remote_exec.exceptions import ExecutorStateError
+from remote_exec.executor import running_in_place
+from remote_exec.runtime.backend import current_backend, threadsafe_call_soon
 
 __all__ = ["InstanceWorker", "Job"]
 
-logger = logging.getLogger("remote_exec.worker")
+logger = logging.getLogger("remote_exec.runtime.worker")
 
 QUEUED: Final = "queued"
 RUNNING: Final = "running"
@@ -125,18 +126,10 @@ class _Loop:
     __slots__ = ("_asyncio_loop", "backend", "call_soon", "is_trio")
 
     def __init__(self) -> None:
-        backend = sniffio.current_async_library()
-        self.backend = backend
-        self.is_trio = backend == "trio"
-        self._asyncio_loop: asyncio.AbstractEventLoop | None = None
-        if backend == "asyncio":
-            loop = asyncio.get_running_loop()
-            self._asyncio_loop = loop
-            self.call_soon: Callable[..., object] = loop.call_soon_threadsafe
-        elif backend == "trio":
-            self.call_soon = trio.lowlevel.current_trio_token().run_sync_soon
-        else:  # pragma: no cover - anyio supports only these two
-            raise RuntimeError(f"unsupported async library {backend!r}")
+        self.backend = current_backend()
+        self.is_trio = self.backend == "trio"
+        self.call_soon: Callable[..., object] = threadsafe_call_soon()
+        self._asyncio_loop = None if self.is_trio else asyncio.get_running_loop()
 
     def new_waiter(self) -> asyncio.Future[None] | trio.lowlevel.Task:
         """A waiter for the current task; pass it to ``suspend`` and ``wake``."""
@@ -322,8 +315,9 @@ class InstanceWorker:
     (done or cancelled), in completion order; for a job cancelled while queued
     (by ``Job.cancel`` or ``stop``) it runs right away, from that call. If it
     raises, that exception becomes the job's outcome. Contextvars of the caller
-    (such as the active executor) are not visible in the worker: a decorated
-    method called from a job runs locally, in the worker.
+    (such as the active executor) are not visible in the worker, and the
+    thread runs ``running_in_place``: a decorated method called from a job
+    runs locally, in the worker, even when its object pins an executor.
     """
 
     def __init__(self, name: str, *, coroutines: bool = True) -> None:
@@ -361,6 +355,11 @@ class InstanceWorker:
     def state(self) -> str:
         """``"new"``, ``"starting"``, ``"running"``, ``"stopping"`` or ``"stopped"``."""
         return self._state
+
+    @property
+    def runs_coroutines(self) -> bool:
+        """Whether the thread has a loop of its own that awaits coroutine jobs."""
+        return self._coroutines
 
     @property
     def thread(self) -> threading.Thread | None:
@@ -490,10 +489,14 @@ class InstanceWorker:
     def _thread_main(self) -> None:
         failure: BaseException | None = None
         try:
-            if self._coroutines:
-                anyio.run(self._main, backend=self._caller.backend if self._caller else "asyncio")
-            else:
-                self._main_without_loop()
+            # Everything this thread runs is instance code, where the instance
+            # lives: its decorated calls run in place (pins are not followed).
+            with running_in_place():
+                if self._coroutines:
+                    backend = self._caller.backend if self._caller else "asyncio"
+                    anyio.run(self._main, backend=backend)
+                else:
+                    self._main_without_loop()
         except BaseException as exc:  # noqa: BLE001 - reported to the caller's loop
             failure = exc
         finally:

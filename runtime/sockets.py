@@ -23,8 +23,9 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 import anyio
-import sniffio
 from anyio.abc import ByteStream, SocketAttribute, SocketStream
+
+from remote_exec.runtime.backend import is_trio
 
 __all__ = ["ProtocolStream", "connect_tcp", "socket_stream"]
 
@@ -167,7 +168,7 @@ async def _wrap(sock: socket.socket) -> ProtocolStream:
 
 async def socket_stream(sock: socket.socket) -> ByteStream:
     """A byte stream over the connected ``sock`` (a ``socketpair`` end, say)."""
-    if sniffio.current_async_library() == "asyncio":
+    if not is_trio():
         return await _wrap(sock)
     return await SocketStream.from_socket(sock)
 
@@ -178,7 +179,7 @@ async def connect_tcp(host: str, port: int) -> ByteStream:
     Raises:
         OSError: nothing answered.
     """
-    if sniffio.current_async_library() == "asyncio":
+    if not is_trio():
         loop = asyncio.get_running_loop()
         transport, reader = await loop.create_connection(_Reader, host, port)
         sock = transport.get_extra_info("socket")

@@ -15,8 +15,13 @@ from typing import Protocol, cast
 import anyio
 from anyio.abc import ByteStream
 
-from .exceptions import ConnectionLostError
-from .framing import DEFAULT_MAX_BUFFERS, DEFAULT_MAX_FRAME_SIZE, HEADER_SIZE, decode_header
+from remote_exec.exceptions import ConnectionLostError
+from remote_exec.framing import (
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_FRAME_SIZE,
+    HEADER_SIZE,
+    decode_header,
+)
 
 __all__ = ["FrameTransport", "StreamTransport"]
 

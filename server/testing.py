@@ -29,7 +29,7 @@ from typing import IO, Self
 import anyio
 from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
-from .exceptions import ConnectionLostError
+from remote_exec.exceptions import ConnectionLostError
 
 __all__ = ["DaemonProcess", "MemoryFrameTransport", "memory_transport_pair"]
 

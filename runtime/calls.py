@@ -1,63 +1,137 @@
-"""The calls a connection has in flight, one class per way of running.
+"""The calls in flight on an instance, one class per way of running.
 
-Sync calls go to the instance's thread (or run on the loop if declared
-non-blocking), async calls and generator steps to the connection's runner
-task for the instance, server operations to a task of their own.
+A call is made for a *peer* (a server connection, or ThreadExecutor itself)
+and answers through it: the peer turns replies, failures and stream items into
+protocol frames or hands them straight to the waiting caller. Sync calls run
+in the instance's thread (or on the loop if declared non-blocking), async
+calls and generator steps on the peer's runner task for the instance, or in
+the instance's thread when its worker has a loop of its own (ThreadExecutor).
+
+Every call kind has explicit states and a table of the moves between them
+(``TRANSITIONS``); ``_move`` refuses any other move, so a bug shows up as an
+error where it happens, not as a call that never answers.
 """
 
 from __future__ import annotations
 
+import enum
 import logging
 import threading
 from collections import deque
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
-from remote_exec.exceptions import ExecutorStateError, RemoteExecError, UnknownInstanceError
+from remote_exec.exceptions import (
+    CallCancelledError,
+    ExecutorStateError,
+    RemoteExecError,
+    UnknownInstanceError,
+)
 from remote_exec.executor import RemoteMethod
-from remote_exec.worker import Job
 
 from .instances import Entry, Instance
-
-if TYPE_CHECKING:
-    from .connection import Connection
-
+from .worker import Job
 
 __all__ = [
     "AsyncCall",
-    "CallCancelledError",
+    "CallState",
     "InlineCall",
-    "OpCall",
+    "InvalidTransition",
+    "Peer",
     "Runner",
-    "ServerCall",
+    "RuntimeCall",
     "StreamCall",
     "SyncCall",
 ]
 
-logger = logging.getLogger("remote_exec.server")
+logger = logging.getLogger("remote_exec.runtime")
 
 
-QUEUED = "queued"
-RUNNING = "running"
-PARKED = "parked"
-DONE = "done"
+class CallState(enum.Enum):
+    QUEUED = "queued"  # in the instance's FIFO, not started
+    RUNNING = "running"  # started: in the thread, on a runner, or a step of a stream
+    PARKED = "parked"  # a stream between steps, waiting for credit
+    DONE = "done"  # answered (or dropped): nothing more happens
 
 
-class CallCancelledError(RemoteExecError):
-    """The client cancelled the call before it finished (the reply frees its id)."""
+QUEUED = CallState.QUEUED
+RUNNING = CallState.RUNNING
+PARKED = CallState.PARKED
+DONE = CallState.DONE
 
 
-class ServerCall:
-    """A call in flight on a connection (tracked until its work is over)."""
+class InvalidTransition(RemoteExecError):
+    """A call was asked to move between two states its table does not link (a bug)."""
 
-    __slots__ = ("conn", "sid")
 
-    def __init__(self, conn: Connection, sid: int) -> None:
-        self.conn = conn
+class Peer(Protocol):
+    """Where a call's outcome goes: a server connection, or ThreadExecutor.
+
+    Every method is called on the peer's loop; none of them raises because the
+    peer went away (``alive`` False): what is sent then is dropped.
+    """
+
+    alive: bool
+    calls: dict[int, RuntimeCall]
+    # The peer loop's thread-safe, FIFO entry point (worker threads use it).
+    call_soon: Callable[..., object]
+
+    def reply(self, sid: int, value: Any) -> None: ...
+    def fail(self, sid: int, exc: BaseException) -> None: ...
+    def send_items(self, sid: int, items: list[Any]) -> None: ...
+    def end_stream(self, sid: int) -> None: ...
+    def credit(self, sid: int) -> int:
+        """How many more items stream ``sid`` may send now."""
+        ...
+
+    def schedule_flush(self, stream: StreamCall) -> None:
+        """Call ``stream.flush()`` soon (the peer may wait to batch items)."""
+        ...
+
+    def forget(self, call: RuntimeCall) -> None:
+        """``call``'s work is over."""
+        ...
+
+    def runner_for(self, instance: Instance) -> Runner:
+        """The task that runs async entries of ``instance`` for this peer."""
+        ...
+
+
+# Each kind's moves (h11's state tables are the model): DONE is final, and a
+# stream reaches RUNNING only from its place in the FIFO.
+_CALL_MOVES = {
+    QUEUED: frozenset({RUNNING, DONE}),
+    RUNNING: frozenset({DONE}),
+    DONE: frozenset(),
+}
+_STREAM_MOVES = {
+    PARKED: frozenset({QUEUED, PARKED, DONE}),
+    QUEUED: frozenset({QUEUED, RUNNING, PARKED, DONE}),
+    RUNNING: frozenset({RUNNING, QUEUED, PARKED, DONE}),
+    DONE: frozenset(),
+}
+
+
+class RuntimeCall:
+    """A call in flight for a peer (tracked until its work is over)."""
+
+    __slots__ = ("peer", "sid", "state")
+
+    moves: dict[CallState, frozenset[CallState]] = _CALL_MOVES
+    instance: Instance  # a slot of each kind
+
+    def __init__(self, peer: Peer, sid: int, state: CallState) -> None:
+        self.peer = peer
         self.sid = sid
+        self.state = state
+
+    def _move(self, new: CallState) -> None:
+        if new not in self.moves[self.state]:
+            raise InvalidTransition(f"{self!r} cannot move from {self.state.value} to {new.value}")
+        self.state = new
 
     def on_cancel(self) -> None:
         """The client sent ``Cancel``."""
@@ -72,30 +146,41 @@ class ServerCall:
     def release(self) -> None:
         """The connection is gone for good (its tasks are over)."""
 
+    def drop(self, error: BaseException) -> None:
+        """The instance went away while this call was queued."""
+        self._move(DONE)
+        self.peer.fail(self.sid, error)
+        self.peer.forget(self)
 
-class SyncCall(ServerCall, Entry):
-    """A sync method (or property read) run in the instance's thread."""
 
-    __slots__ = ("args", "cancelled", "fn", "instance", "job", "kwargs", "method", "state")
+class SyncCall(RuntimeCall, Entry):
+    """A sync method (or property read) run in the instance's thread.
+
+    Also an async method where the instance's worker has a loop of its own
+    (``is_async``: the worker awaits the coroutine, and a cancel reaches it).
+    """
+
+    __slots__ = ("args", "cancelled", "fn", "instance", "is_async", "job", "kwargs", "method")
     pipelined = True
 
     def __init__(
         self,
-        conn: Connection,
+        peer: Peer,
         sid: int,
         instance: Instance,
         fn: Callable[..., Any],
         args: list[Any],
         kwargs: dict[str, Any],
         method: str | None,
+        is_async: bool = False,
     ) -> None:
-        ServerCall.__init__(self, conn, sid)
+        RuntimeCall.__init__(self, peer, sid, QUEUED)
         self.instance = instance
         self.fn = fn
         self.args = args
         self.kwargs = kwargs
         self.method = method  # None: not a method call (no "execute" event)
-        self.state = QUEUED
+        self.is_async = is_async
         self.job: Job | None = None
         self.cancelled = False
 
@@ -103,18 +188,18 @@ class SyncCall(ServerCall, Entry):
         return f"<call {self.sid} {self.method or self.fn!r} {self.state}>"
 
     def start(self) -> bool:
-        if not self.conn.alive:
-            self.state = DONE
-            self.conn.forget(self)
+        if not self.peer.alive:
+            self._move(DONE)
+            self.peer.forget(self)
             return False
         try:
             self.job = self.instance.worker.submit(self._run, on_done=self._on_done)
         except ExecutorStateError as exc:
-            self.state = DONE
-            self.conn.fail(self.sid, exc)
-            self.conn.forget(self)
+            self._move(DONE)
+            self.peer.fail(self.sid, exc)
+            self.peer.forget(self)
             return False
-        self.state = RUNNING
+        self._move(RUNNING)
         return True
 
     def _run(self) -> Any:  # in the worker thread
@@ -123,44 +208,50 @@ class SyncCall(ServerCall, Entry):
         return self.fn(self.instance.obj, *self.args, **self.kwargs)
 
     def _on_done(self, job: Job) -> None:  # on the server loop, in completion order
-        self.state = DONE
+        self._move(DONE)
         # The job refers back to this call: without the cycle, the arguments
         # and the result (maybe large buffers) go as soon as the reply is sent,
         # not at the next garbage collection.
         self.job = None
-        conn = self.conn
+        peer = self.peer
         try:
             try:
                 value = job.result()
             except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
                 error = exc
                 if self.cancelled and job.state == "cancelled":
-                    error = CallCancelledError("the call was cancelled before it started")
-                conn.fail(self.sid, error)
+                    error = CallCancelledError(
+                        "the call was cancelled while it ran"
+                        if self.is_async
+                        else "the call was cancelled before it started"
+                    )
+                peer.fail(self.sid, error)
             else:
                 self._answer(value)
-            conn.forget(self)
+            peer.forget(self)
         finally:
             self.instance.finish(self)
 
     def _answer(self, value: Any) -> None:
         """Reply with ``value`` and tell the "execute" channel."""
-        self.conn.reply(self.sid, value)
+        self.peer.reply(self.sid, value)
         if self.method is not None:
-            self.conn.dispatcher.publish_execute(
-                self.instance.name, self.method, self.args, self.kwargs, value
-            )
+            self.instance.publish_execute(self.method, self.args, self.kwargs, value)
 
     def on_cancel(self) -> None:
-        # Queued (here or in the worker): it never starts. Running: it finishes
-        # and its result is sent.
+        # Queued (here or in the worker): it never starts. Running: a sync one
+        # finishes and its result is sent; an async one is cancelled where it runs.
         if self.state == QUEUED and self.instance.remove(self):
-            self.state = DONE
-            self.conn.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
-            self.conn.forget(self)
-        elif self.state == RUNNING and self.job is not None and self.job.state == "queued":
+            self._move(DONE)
+            self.peer.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
+            self.peer.forget(self)
+        elif (
+            self.state == RUNNING
+            and self.job is not None
+            and (self.is_async or self.job.state == "queued")
+        ):
             self.cancelled = True
-            self.job.cancel()  # its on_done answers it, now
+            self.job.cancel()  # its on_done answers it
 
     def abandon(self) -> bool:
         self.on_cancel()  # nothing is sent: the connection is going away
@@ -182,22 +273,22 @@ class InlineCall(SyncCall):
     pipelined = False
 
     def start(self) -> bool:
-        conn = self.conn
-        self.state = DONE
-        if conn.alive:
+        peer = self.peer
+        self._move(DONE)
+        if peer.alive:
             try:
                 value = self._run()
             except BaseException as exc:  # any outcome of user code is the caller's
                 if isinstance(exc, KeyboardInterrupt):
                     raise
-                conn.fail(self.sid, exc)
+                peer.fail(self.sid, exc)
             else:
                 self._answer(value)
-        conn.forget(self)
+        peer.forget(self)
         return False  # already finished: the next entry may start
 
 
-class AsyncCall(ServerCall, Entry):
+class AsyncCall(RuntimeCall, Entry):
     """An async method, run by the connection's runner for the instance."""
 
     __slots__ = (
@@ -209,12 +300,11 @@ class AsyncCall(ServerCall, Entry):
         "method",
         "runner",
         "scope",
-        "state",
     )
 
     def __init__(
         self,
-        conn: Connection,
+        peer: Peer,
         sid: int,
         instance: Instance,
         marker: RemoteMethod,
@@ -222,14 +312,13 @@ class AsyncCall(ServerCall, Entry):
         kwargs: dict[str, Any],
         runner: Runner,
     ) -> None:
-        ServerCall.__init__(self, conn, sid)
+        RuntimeCall.__init__(self, peer, sid, QUEUED)
         self.instance = instance
         self.fn = marker.func
         self.method = marker.name
         self.args = args
         self.kwargs = kwargs
         self.runner = runner
-        self.state = QUEUED
         self.cancelled = False
         self.scope: anyio.CancelScope | None = None
 
@@ -237,19 +326,19 @@ class AsyncCall(ServerCall, Entry):
         return f"<async call {self.sid} {self.method} {self.state}>"
 
     def start(self) -> bool:
-        if not self.conn.alive or not self.runner.alive:
-            self.state = DONE
-            self.conn.forget(self)
+        if not self.peer.alive or not self.runner.alive:
+            self._move(DONE)
+            self.peer.forget(self)
             return False
-        self.state = RUNNING
+        self._move(RUNNING)
         self.runner.push(self)
         return True
 
     async def run(self) -> None:
-        conn = self.conn
+        peer = self.peer
         try:
-            if self.cancelled or not conn.alive:  # cancelled before it started: never starts
-                conn.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
+            if self.cancelled or not peer.alive:  # cancelled before it started: never starts
+                peer.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
                 return
             with anyio.CancelScope() as scope:
                 self.scope = scope
@@ -258,35 +347,33 @@ class AsyncCall(ServerCall, Entry):
                 except anyio.get_cancelled_exc_class():
                     raise
                 except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
-                    conn.fail(self.sid, exc)
+                    peer.fail(self.sid, exc)
                     return
             self.scope = None
             if scope.cancelled_caught:
-                conn.fail(self.sid, CallCancelledError("the call was cancelled while it ran"))
+                peer.fail(self.sid, CallCancelledError("the call was cancelled while it ran"))
                 return
-            conn.reply(self.sid, value)
-            conn.dispatcher.publish_execute(
-                self.instance.name, self.method, self.args, self.kwargs, value
-            )
+            peer.reply(self.sid, value)
+            self.instance.publish_execute(self.method, self.args, self.kwargs, value)
         finally:
-            self.state = DONE
-            conn.forget(self)
+            self._move(DONE)
+            peer.forget(self)
             self.instance.finish(self)
 
     async def abort(self) -> None:
         """The runner is going away before it could run this call."""
-        self.state = DONE
-        self.conn.forget(self)
+        self._move(DONE)
+        self.peer.forget(self)
         self.instance.finish(self)
 
     def on_cancel(self) -> None:
         if self.state == QUEUED:
             if self.instance.remove(self):
-                self.state = DONE
-                self.conn.fail(
+                self._move(DONE)
+                self.peer.fail(
                     self.sid, CallCancelledError("the call was cancelled before it started")
                 )
-                self.conn.forget(self)
+                self.peer.forget(self)
             return
         self.cancelled = True
         if self.scope is not None:
@@ -295,8 +382,8 @@ class AsyncCall(ServerCall, Entry):
     def abandon(self) -> bool:
         if self.state == QUEUED:
             if self.instance.remove(self):
-                self.state = DONE
-                self.conn.forget(self)
+                self._move(DONE)
+                self.peer.forget(self)
             return False
         if self.state == DONE:
             return False
@@ -305,12 +392,13 @@ class AsyncCall(ServerCall, Entry):
 
     def release(self) -> None:
         if self.state == QUEUED and self.instance.remove(self):
-            self.state = DONE
+            self._move(DONE)
 
 
-class StreamCall(ServerCall, Entry):
+class StreamCall(RuntimeCall, Entry):
     """A generator call: steps of at most the granted credit, in the instance's FIFO."""
 
+    moves = _STREAM_MOVES
     __slots__ = (
         "args",
         "buffer",
@@ -321,20 +409,21 @@ class StreamCall(ServerCall, Entry):
         "gen_closed",
         "instance",
         "is_async",
+        "job",
         "kwargs",
         "lock",
         "method",
+        "on_runner",
         "runner",
         "scope",
         "send_failed",
-        "state",
         "stop",
         "wants_flush",
     )
 
     def __init__(
         self,
-        conn: Connection,
+        peer: Peer,
         sid: int,
         instance: Instance,
         marker: RemoteMethod,
@@ -342,15 +431,17 @@ class StreamCall(ServerCall, Entry):
         kwargs: dict[str, Any],
         runner: Runner | None,
     ) -> None:
-        ServerCall.__init__(self, conn, sid)
+        RuntimeCall.__init__(self, peer, sid, PARKED)
         self.instance = instance
         self.fn = marker.func
         self.method = marker.name
         self.is_async = marker.is_async
+        # Async steps run on the peer's runner, unless the instance's thread has a loop.
+        self.on_runner = marker.is_async and not instance.async_in_thread
+        self.job: Job | None = None  # the step running in the instance's thread
         self.args = args
         self.kwargs = kwargs
         self.runner = runner
-        self.state = PARKED
         self.gen: Any = None
         self.gen_closed = False  # finished, raised or closed: nothing left to close
         self.exhausted = False
@@ -373,14 +464,14 @@ class StreamCall(ServerCall, Entry):
 
     def _continue(self) -> None:
         """Between steps: back to the tail of the FIFO if there is credit, else park."""
-        if self.stop or (self.conn.alive and self.conn.rpc.credit(self.sid) > 0):
-            self.state = QUEUED
+        if self.stop or (self.peer.alive and self.peer.credit(self.sid) > 0):
+            self._move(QUEUED)
             try:
                 self.instance.enqueue(self)
             except UnknownInstanceError:
-                self.fail_deleted()
+                self.drop(UnknownInstanceError(f"the instance {self.instance.name!r} was deleted"))
         else:
-            self.state = PARKED
+            self._move(PARKED)
 
     def on_credit(self) -> None:
         if self.state == PARKED and not self.stop:
@@ -395,15 +486,19 @@ class StreamCall(ServerCall, Entry):
             return
         self.stop = True
         if self.state == RUNNING:
-            if self.scope is not None:  # async step: its generator sees the cancellation
+            # An async step's generator sees the cancellation where it awaits;
+            # a sync step checks ``stop`` after each item.
+            if self.scope is not None:
                 self.scope.cancel()
-            return  # a sync step checks ``stop`` after each item
+            elif self.is_async and self.job is not None:
+                self.job.cancel()
+            return
         if self.state == QUEUED and not self.instance.remove(self):
             return  # it is starting: it will see ``stop``
         if self.gen is None:  # never started: nothing to close
             self._end()
             return
-        self.state = QUEUED
+        self._move(QUEUED)
         try:
             self.instance.enqueue_next(self)
         except UnknownInstanceError:
@@ -418,7 +513,7 @@ class StreamCall(ServerCall, Entry):
     def release(self) -> None:
         if self.state == DONE:
             return
-        if self.is_async:
+        if self.on_runner:
             # No task is left to close it in: drop it (its finalizer runs on collection).
             if self.state == QUEUED:
                 self.instance.remove(self)
@@ -430,17 +525,17 @@ class StreamCall(ServerCall, Entry):
     def _end(self) -> None:
         if self.state == DONE:
             return
-        self.state = DONE
+        self._move(DONE)
         self.instance.streams.discard(self)
         if self.error is not None:
-            self.conn.fail(self.sid, self.error)
+            self.peer.fail(self.sid, self.error)
         else:
-            self.conn.end_stream(self.sid)
-        self.conn.forget(self)
+            self.peer.end_stream(self.sid)
+        self.peer.forget(self)
 
-    def fail_deleted(self) -> None:
+    def drop(self, error: BaseException) -> None:
         if self.error is None:
-            self.error = UnknownInstanceError(f"the instance {self.instance.name!r} was deleted")
+            self.error = error
         self._end()
 
     def flush(self) -> None:
@@ -451,7 +546,10 @@ class StreamCall(ServerCall, Entry):
         if not items or self.state == DONE or self.send_failed:
             return
         try:
-            self.conn.send_items(self.sid, items)
+            self.peer.send_items(self.sid, items)
+            if self.instance.events.has_subscribers:
+                for item in items:
+                    self.instance.publish_execute(self.method, self.args, self.kwargs, item)
         except Exception as exc:  # noqa: BLE001 - an item cannot be encoded: fail the stream
             # Later items must not go out after the lost ones: the stream fails here.
             self.send_failed = True
@@ -462,7 +560,7 @@ class StreamCall(ServerCall, Entry):
 
     def _request_flush(self) -> None:  # on the loop, from the worker thread
         try:
-            self.conn.schedule_flush(self)
+            self.peer.schedule_flush(self)
         except Exception:  # never raise into the loop's callback machinery
             logger.exception("could not schedule a flush of %r", self)
 
@@ -470,16 +568,16 @@ class StreamCall(ServerCall, Entry):
     def start(self) -> bool:
         if self.state == DONE:
             return False
-        if self.is_async:
+        if self.on_runner:
             if self.runner is None or not self.runner.alive or (self.stop and self.gen is None):
                 self._end()
                 return False
-            self.state = RUNNING
+            self._move(RUNNING)
             self.runner.push(self)
             return True
-        credit = self.conn.rpc.credit(self.sid) if self.conn.alive else 0
+        credit = self.peer.credit(self.sid) if self.peer.alive else 0
         if not self.stop and credit <= 0:
-            self.state = PARKED
+            self._move(PARKED)
             return False
         if self.stop and self.gen is None:
             self._end()
@@ -487,23 +585,34 @@ class StreamCall(ServerCall, Entry):
         return self._submit(credit)
 
     def _submit(self, count: int) -> bool:
+        step = self._astep_in_thread if self.is_async else self._step_in_thread
         try:
-            self.instance.worker.submit(self._step_in_thread, count, on_done=self._step_done)
+            self.job = self.instance.worker.submit(step, count, on_done=self._step_done)
         except ExecutorStateError as exc:
             self.gen_closed = True
             self.error = self.error or exc
             self._end()
             return False
-        self.state = RUNNING
+        self._move(RUNNING)
         return True
+
+    def _emit(self, item: Any) -> None:  # in the worker thread
+        """Buffer ``item`` and, first after a flush, ask the peer's loop to send."""
+        with self.lock:
+            self.buffer.append(item)
+            notify, self.wants_flush = self.wants_flush, False
+        if notify:
+            try:
+                self.peer.call_soon(self._request_flush)
+            except Exception:  # noqa: BLE001 - the loop is gone: nobody reads the items
+                self.stop = True
 
     def _step_in_thread(self, count: int) -> None:
         gen = self.gen
         if not self.stop:
             if gen is None:
                 gen = self.gen = self.fn(self.instance.obj, *self.args, **self.kwargs)
-            call_soon = self.conn.call_soon
-            lock = self.lock
+            emit = self._emit
             for _ in range(count):
                 if self.stop:
                     break
@@ -515,27 +624,47 @@ class StreamCall(ServerCall, Entry):
                 except BaseException:
                     self.gen_closed = True
                     raise
-                with lock:
-                    self.buffer.append(item)
-                    notify, self.wants_flush = self.wants_flush, False
-                if notify:
-                    try:
-                        call_soon(self._request_flush)
-                    except Exception:  # noqa: BLE001 - the loop is gone: nobody reads the items
-                        self.stop = True
+                emit(item)
         if self.stop and gen is not None and not self.gen_closed:
             self.gen_closed = True
             gen.close()  # its ``finally`` runs here, in the instance's thread
 
+    async def _astep_in_thread(self, count: int) -> None:
+        """``_step_in_thread`` for an async generator, in the worker's own loop."""
+        gen = self.gen
+        if not self.stop:
+            if gen is None:
+                gen = self.gen = self.fn(self.instance.obj, *self.args, **self.kwargs)
+            emit = self._emit
+            for _ in range(count):
+                if self.stop:
+                    break
+                try:
+                    item = await gen.__anext__()
+                except StopAsyncIteration:
+                    self.exhausted = self.gen_closed = True
+                    return
+                except BaseException:  # a cancellation too: the generator is over
+                    self.gen_closed = True
+                    raise
+                emit(item)
+        if self.stop and gen is not None and not self.gen_closed:
+            self.gen_closed = True
+            await gen.aclose()  # its ``finally`` runs here, in the instance's thread
+
     def _step_done(self, job: Job) -> None:  # on the loop
         instance = self.instance
+        self.job = None
         try:
-            try:
-                job.result()
-            except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the consumer's
-                self.gen_closed = True
-                if self.error is None:
-                    self.error = exc
+            if job.state == "cancelled" and self.stop:
+                pass  # stopped by ``_close_soon``: closed below if it never ran
+            else:
+                try:
+                    job.result()
+                except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the consumer's
+                    self.gen_closed = True
+                    if self.error is None:
+                        self.error = exc
             self.flush()
             if (
                 (self.error is not None or self.stop)
@@ -560,9 +689,9 @@ class StreamCall(ServerCall, Entry):
 
     async def run(self) -> None:
         """One async step, in the connection's runner for the instance."""
-        conn = self.conn
+        peer = self.peer
         try:
-            count = conn.rpc.credit(self.sid) if conn.alive else 0
+            count = peer.credit(self.sid) if peer.alive else 0
             with anyio.CancelScope() as scope:
                 self.scope = scope
                 if self.stop:
@@ -591,7 +720,7 @@ class StreamCall(ServerCall, Entry):
                         break
                     with lock:
                         self.buffer.append(item)
-                    conn.schedule_flush(self)
+                    peer.schedule_flush(self)
             self.scope = None
             if scope.cancelled_caught:
                 self.stop = True
@@ -617,7 +746,7 @@ class StreamCall(ServerCall, Entry):
         gen, self.gen_closed = self.gen, True
         if gen is None:
             return
-        with anyio.move_on_after(self.conn.dispatcher.close_grace):
+        with anyio.move_on_after(self.instance.close_grace):
             try:
                 await gen.aclose()
             except Exception as exc:  # noqa: BLE001 - a finally that raises: the consumer's error
@@ -626,43 +755,45 @@ class StreamCall(ServerCall, Entry):
     async def abort(self) -> None:
         """The runner is going away before it could run this step."""
         self.stop = True
-        self.state = RUNNING
+        self._move(RUNNING)
         with anyio.CancelScope(shield=True):
             if not self.gen_closed:
                 await self._aclose()
         self._end()
         self.instance.finish(self)
 
-    async def close_now(self) -> None:
+    async def close_now(self, error: BaseException) -> None:
         """Close the generator while holding the instance's turn (instance deletion)."""
         self.stop = True
         if self.state == QUEUED:
             self.instance.remove(self)
         if self.gen is not None and not self.gen_closed:
-            if self.is_async:
+            if self.on_runner:
                 await self._aclose()
-            else:
+            else:  # in its thread (an async one in that thread's loop)
                 self.gen_closed = True
-                job = self.instance.worker.submit(self.gen.close)
-                with anyio.move_on_after(self.conn.dispatcher.close_grace):
+                job = self.instance.worker.submit(
+                    self.gen.aclose if self.is_async else self.gen.close
+                )
+                with anyio.move_on_after(self.instance.close_grace):
                     try:
                         await job.wait(cancel=False)
                     except Exception as exc:  # noqa: BLE001 - a finally that raises: the consumer's error
                         self.error = self.error or exc
-        self.fail_deleted()
+        self.drop(error)
 
 
 class Runner:
-    """The task a connection keeps to run async entries of one instance."""
+    """The task a peer keeps to run async entries of one instance on its loop."""
 
-    __slots__ = ("alive", "conn", "event", "instance", "ready")
+    __slots__ = ("alive", "event", "instance", "ready")
 
-    def __init__(self, conn: Connection, instance: Instance) -> None:
-        self.conn = conn
+    def __init__(self, instance: Instance) -> None:
         self.instance = instance
         self.ready: deque[AsyncCall | StreamCall] = deque()
         self.event = anyio.Event()
         self.alive = True
+        instance.runners.add(self)  # from now on, deleting the instance stops it
 
     def push(self, entry: AsyncCall | StreamCall) -> None:
         self.ready.append(entry)
@@ -673,6 +804,7 @@ class Runner:
         self.event.set()
 
     async def run(self) -> None:
+        """Run entries until stopped; entries left over are aborted (their generators closed)."""
         try:
             while self.alive:
                 if not self.ready:
@@ -683,39 +815,5 @@ class Runner:
         finally:
             self.alive = False
             self.instance.runners.discard(self)
-            if self.conn.runners.get(self.instance) is self:
-                del self.conn.runners[self.instance]
             while self.ready:
                 await self.ready.popleft().abort()
-
-
-class OpCall(ServerCall):
-    """A server operation that runs as a task of the connection."""
-
-    __slots__ = ("cancelled", "credit_event", "scope", "stream")
-
-    def __init__(self, conn: Connection, sid: int, stream: bool) -> None:
-        super().__init__(conn, sid)
-        self.stream = stream
-        self.scope: anyio.CancelScope | None = None
-        self.credit_event = anyio.Event()
-        # Its task may not have started yet when a Cancel (or the end of the
-        # connection) arrives: remembered here, it cancels the task's scope at once.
-        self.cancelled = False
-
-    def on_cancel(self) -> None:
-        self.cancelled = True
-        if self.scope is not None:
-            self.scope.cancel()
-
-    def on_credit(self) -> None:
-        self.credit_event.set()
-
-    async def wait_credit(self) -> None:
-        while self.conn.rpc.credit(self.sid) <= 0:
-            self.credit_event = anyio.Event()
-            await self.credit_event.wait()
-
-    def abandon(self) -> bool:
-        self.on_cancel()
-        return True

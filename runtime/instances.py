@@ -1,7 +1,7 @@
 """A held instance and its FIFO of entries.
 
-The FIFO *is* the order of the instance's calls (see ``dispatch``): only the
-first entries have started, and they finish in order.
+The FIFO *is* the order of the instance's calls (see ``runtime.runtime``):
+only the first entries have started, and they finish in order.
 """
 
 from __future__ import annotations
@@ -10,21 +10,27 @@ import logging
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
 
 from remote_exec.exceptions import ExecutorStateError, UnknownInstanceError
-from remote_exec.worker import InstanceWorker, Job
 
-if TYPE_CHECKING:
-    from .calls import Runner, StreamCall
-
+from .events import EventHub
+from .worker import InstanceWorker, Job
 
 __all__ = ["Entry", "Instance", "InternalJob", "Turn", "exclusive"]
 
-logger = logging.getLogger("remote_exec.server")
+logger = logging.getLogger("remote_exec.runtime")
+
+
+class _OpenStream(Protocol):
+    async def close_now(self, error: BaseException) -> None: ...
+
+
+class _Runner(Protocol):
+    def stop(self) -> None: ...
 
 
 class Entry:
@@ -41,6 +47,9 @@ class Entry:
         (skipped, or already finished) and leaves the queue."""
         raise NotImplementedError
 
+    def drop(self, error: BaseException) -> None:
+        """The instance went away before this entry started (it left the queue)."""
+
 
 class Instance:
     """A held object, its worker thread and its FIFO.
@@ -52,7 +61,10 @@ class Instance:
 
     __slots__ = (
         "active",
+        "async_in_thread",
+        "close_grace",
         "deleted",
+        "events",
         "key",
         "name",
         "obj",
@@ -70,19 +82,43 @@ class Instance:
         key: tuple[str, str],
         worker: InstanceWorker,
         owner: set[str] | None = None,
+        *,
+        events: EventHub | None = None,
+        close_grace: float = 5.0,
     ) -> None:
         self.name = name
         self.obj = obj
         self.key = key  # (module, qualname) as the client asked for it
         self.worker = worker
+        # Async methods and steps run in the instance's thread when it has a
+        # loop (ThreadExecutor), else on the loop of the peer that called them.
+        self.async_in_thread = worker.runs_coroutines
+        self.events = events if events is not None else EventHub()
+        self.close_grace = close_grace  # how long closing one generator may take
         # The names the creating connection holds (``max_instances``): the set,
         # not the connection, so that an instance never keeps a dead one alive.
         self.owner = owner
         self.queue: deque[Entry] = deque()
         self.active = 0  # how many entries at the front have started
         self.deleted = False
-        self.streams: set[StreamCall] = set()  # streams whose generator may be alive
-        self.runners: set[Runner] = set()
+        self.streams: set[_OpenStream] = set()  # streams whose generator may be alive
+        self.runners: set[_Runner] = set()
+
+    @property
+    def class_name(self) -> str:
+        return ".".join(self.key)
+
+    def publish_execute(
+        self, method: str, args: list[Any] | tuple[Any, ...], kwargs: dict[str, Any], result: Any
+    ) -> None:
+        """Tell the "execute" channel that ``method`` returned (or yielded) ``result``."""
+        events = self.events
+        if events.has_subscribers:
+            events.publish(
+                self.name,
+                "execute",
+                {"method": method, "args": list(args), "kwargs": kwargs, "result": result},
+            )
 
     def enqueue(self, entry: Entry) -> None:
         if self.deleted:
@@ -173,6 +209,10 @@ class InternalJob(Entry):
             self.done.set()
             return False
         return True
+
+    def drop(self, error: BaseException) -> None:
+        self.error = error
+        self.done.set()
 
     def _on_done(self, job: Job) -> None:
         self.job = None  # the job refers back to us: no cycle may outlive the work
