@@ -153,6 +153,13 @@ class InstanceRegistry:
         self._coders[name] = coder
         self._coders_by_type[cls] = coder
 
+    def learn_default_coders(self) -> None:
+        """Add the module-level coders registered since this registry was made
+        (a module imported later may register its coders at import)."""
+        for name, coder in list(_default_coders.items()):
+            if name not in self._coders:
+                self.register_coder(name, coder.cls, coder.encode, coder.decode)
+
     def coder_for_type(self, cls: type) -> Coder | None:
         """The coder for ``cls`` (exact type first, then the nearest base)."""
         coder = self._coders_by_type.get(cls)

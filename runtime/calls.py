@@ -105,6 +105,7 @@ class Peer(Protocol):
 _CALL_MOVES = {
     QUEUED: frozenset({RUNNING, DONE}),
     RUNNING: frozenset({DONE}),
+    PARKED: frozenset(),  # only streams park
     DONE: frozenset(),
 }
 _STREAM_MOVES = {
@@ -547,9 +548,6 @@ class StreamCall(RuntimeCall, Entry):
             return
         try:
             self.peer.send_items(self.sid, items)
-            if self.instance.events.has_subscribers:
-                for item in items:
-                    self.instance.publish_execute(self.method, self.args, self.kwargs, item)
         except Exception as exc:  # noqa: BLE001 - an item cannot be encoded: fail the stream
             # Later items must not go out after the lost ones: the stream fails here.
             self.send_failed = True

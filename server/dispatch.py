@@ -27,11 +27,9 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 
-from remote_exec import registry as registry_module
 from remote_exec.exceptions import (
     CallCancelledError,
     NotAllowedError,
-    ProtocolError,
     SubscriberOverflowError,
     UnknownInstanceError,
 )
@@ -294,18 +292,8 @@ class Dispatcher:
         loaded = sys.modules.get(module)
         if loaded is None:
             loaded = await anyio.to_thread.run_sync(importlib.import_module, module)
-            self._learn_coders()
+            self.registry.learn_default_coders()
         return loaded
-
-    def _learn_coders(self) -> None:
-        # A module may register coders at import: the shared default table now
-        # has them, but this registry copied it when it was made.
-        defaults = registry_module._default_coders
-        for name, coder in list(defaults.items()):
-            try:
-                self.registry.coder_named(name)
-            except ProtocolError:
-                self.registry.register_coder(name, coder.cls, coder.encode, coder.decode)
 
     async def _import_main(self, main_path: Any) -> ModuleType:
         if not self.allow_import_from_main:
@@ -329,7 +317,7 @@ class Dispatcher:
                 name = f"__remote_exec_main_{digest}__"
                 module = await anyio.to_thread.run_sync(_load_main, main_path, name)
                 self._main_modules[main_path] = module
-                self._learn_coders()
+                self.registry.learn_default_coders()
         return module
 
     async def _resolve_class(self, module: Any, qualname: Any, main_path: Any) -> type:
