@@ -340,9 +340,13 @@ class RpcConnection:
     def send_items(self, stream_id: int, items: Sequence[Any]) -> None:
         """Send stream items; never more than the credit left.
 
+        Items that together would make a frame over the size cap go in as many
+        frames as it takes (halving the batch until each fits).
+
         Raises:
             ProtocolError: more items than the client granted.
-            CodecError, FrameError: an item cannot be sent (the stream stays open).
+            CodecError, FrameError: an item cannot be sent, even alone (the
+                items before it were sent; the stream stays open).
         """
         self._require(Side.SERVER)
         left = self._open.get(stream_id)
@@ -352,8 +356,19 @@ class RpcConnection:
             raise ProtocolError(
                 f"{len(items)} items exceed the credit of {left} on stream {stream_id}"
             )
-        self._send(self._reply_codec.get(stream_id, self._codec), [4, stream_id, list(items)])
-        self._open[stream_id] = left - len(items)
+        self._send_items(self._reply_codec.get(stream_id, self._codec), stream_id, list(items))
+
+    def _send_items(self, codec: Codec, stream_id: int, items: list[Any]) -> None:
+        try:
+            self._send(codec, [4, stream_id, items])
+        except FrameError:
+            if len(items) < 2:
+                raise
+            half = len(items) // 2
+            self._send_items(codec, stream_id, items[:half])
+            self._send_items(codec, stream_id, items[half:])
+            return
+        self._open[stream_id] -= len(items)
 
     def send_stream_end(self, stream_id: int) -> None:
         self._end(stream_id, [5, stream_id])

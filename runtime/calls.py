@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import traceback
 from collections import deque
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -528,8 +529,9 @@ class StreamCall(RuntimeCall, Entry):
             return
         self._move(DONE)
         self.instance.streams.discard(self)
-        if self.error is not None:
-            self.peer.fail(self.sid, self.error)
+        error, self.error = self.error, None  # no cycle through its traceback
+        if error is not None:
+            self.peer.fail(self.sid, error)
         else:
             self.peer.end_stream(self.sid)
         self.peer.forget(self)
@@ -550,6 +552,10 @@ class StreamCall(RuntimeCall, Entry):
             self.peer.send_items(self.sid, items)
         except Exception as exc:  # noqa: BLE001 - an item cannot be encoded: fail the stream
             # Later items must not go out after the lost ones: the stream fails here.
+            # The error is kept until the stream ends: its traceback's frames
+            # must not keep the items (maybe large) alive until then.
+            del items
+            traceback.clear_frames(exc.__traceback__)
             self.send_failed = True
             self.error = self.error or exc
             self.stop = True

@@ -12,6 +12,7 @@ import pytest
 from remote_exec.codecs import MsgpackCodec
 from remote_exec.exceptions import (
     CodecError,
+    FrameError,
     ProtocolError,
     RemoteException,
     TooManyCallsError,
@@ -305,6 +306,26 @@ def test_credit_flow_keeps_both_views_within_the_cap() -> None:
         pair.client.send_credit(sid, len(event.items))
         pair.to_server()
     assert received == list(range(20))
+
+
+def test_items_over_the_size_cap_together_go_in_several_frames() -> None:
+    limits = Limits(max_message_size=64 * 1024, max_credit=16)
+    pair = ConnectionPair(client_limits=limits, server_limits=limits)
+    sid, _ = call(pair, "dev", "frames", stream=True, credit=16)
+    frames = [bytes([i]) * 20_000 for i in range(8)]  # 160 kB together, 20 kB each
+    pair.server.send_items(sid, frames)
+    events = pair.to_client()
+    assert len(events) >= 3  # at most three 20 kB items fit in one 64 KiB frame
+    received = [item for event in events if isinstance(event, StreamItems) for item in event.items]
+    assert received == frames
+    assert pair.server.credit(sid) == 8
+    too_big = b"x" * 70_000
+    with pytest.raises(FrameError, match="size cap"):
+        pair.server.send_items(sid, [b"ok", too_big])
+    (event,) = pair.to_client()  # what fitted before the item that never can went out
+    assert isinstance(event, StreamItems)
+    assert event.items == [b"ok"]
+    assert pair.server.credit(sid) == 7
 
 
 # -- cancel --------------------------------------------------------------------------------------
