@@ -368,7 +368,7 @@ class RpcConnection:
             self._send_items(codec, stream_id, items[:half])
             self._send_items(codec, stream_id, items[half:])
             return
-        self._open[stream_id] -= len(items)
+        self._open[stream_id] = (self._open[stream_id] or 0) - len(items)
 
     def send_stream_end(self, stream_id: int) -> None:
         self._end(stream_id, [5, stream_id])
