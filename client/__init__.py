@@ -8,6 +8,7 @@ from remote_exec.executor import (
     current_executor as current_executor,
 )
 
+from .blocking import BlockingExecutor as BlockingExecutor
 from .decorators import (
     apply_executor as apply_executor,
     apply_generator_executor as apply_generator_executor,
@@ -18,6 +19,7 @@ from .websocket import WebSocketExecutor as WebSocketExecutor
 
 __all__ = [
     "NO_CALLBACK",
+    "BlockingExecutor",
     "ExecutorContext",
     "ProcessExecutor",
     "ThreadExecutor",

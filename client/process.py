@@ -49,7 +49,10 @@ class ProcessExecutor(RemoteExecutor):
             classes from (default: any, the child is yours).
         allow_import_from_main: let the child create classes defined in this
             program's ``__main__`` by importing its main file under a private
-            name (its ``if __name__ == "__main__":`` block does not run).
+            name (its ``if __name__ == "__main__":`` block does not run). Keep
+            the program under that guard: an unguarded ``anyio.run(main)``
+            would start it again in the child, so the child refuses it and
+            creating the instance fails with an ``ImportError`` that says so.
         env: the child's environment (default: this process's). ``PYTHONPATH``
             gets this process's ``sys.path`` prepended so that the child imports
             the same modules.

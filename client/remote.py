@@ -7,6 +7,7 @@ many calls and streams at once. Subclasses only say how to connect.
 
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from abc import abstractmethod
@@ -23,6 +24,7 @@ from remote_exec.exceptions import (
     ConnectionLostError,
     ExecutorStateError,
     RemoteExecError,
+    UnknownInstanceError,
     remote_exception,
 )
 from remote_exec.executor import (
@@ -38,9 +40,12 @@ from remote_exec.framing import pack_frames
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
+from remote_exec.runtime.backend import threadsafe_call_soon
 from remote_exec.runtime.transport import FrameTransport
 
 __all__ = ["RemoteExecutor"]
+
+logger = logging.getLogger("remote_exec.client")
 
 # How long a cancelled caller may spend telling the server (never a hang).
 _CANCEL_SEND_TIMEOUT = 2.0
@@ -75,8 +80,67 @@ class _Pending:
         self.done.set()
 
 
+class _StreamInbox:
+    """What the reader hands one stream: its items, its end, its error.
+
+    Kept apart from ``_Stream`` so that the executor (through ``_waiters``)
+    never holds the consumer's object: dropped unclosed, that object is then
+    collected, and its finaliser closes the generator (``close_abandoned``).
+    """
+
+    __slots__ = ("call_soon", "ended", "error", "executor", "items", "stream_id", "wakeup")
+
+    def __init__(self, executor: RemoteExecutor) -> None:
+        self.executor = executor
+        self.items: deque[Any] = deque()
+        self.wakeup = anyio.Event()
+        self.stream_id: int | None = None
+        self.ended = False
+        self.error: BaseException | None = None
+        # The loop's thread-safe entry point, for the finaliser (set on opening).
+        self.call_soon: Callable[..., object] | None = None
+
+    # called by the reader
+    def push(self, message: Message) -> None:
+        if isinstance(message, StreamItems):
+            self.items.extend(message.items)
+        elif isinstance(message, StreamEnd):
+            self.ended = True
+        elif isinstance(message, Failure):
+            self.ended = True
+            self.error = remote_exception(message.type_name, message.message, message.traceback)
+        self.wakeup.set()
+
+    def fail(self, exc: BaseException) -> None:
+        self.ended = True
+        self.error = exc
+        self.wakeup.set()
+
+    def close_abandoned(self) -> None:
+        """On the loop: its consumer dropped the stream unclosed, so send the
+        server a ``Cancel`` (it closes the generator) and forget the stream."""
+        executor, stream_id = self.executor, self.stream_id
+        try:
+            if self.ended or stream_id is None or executor._waiters.get(stream_id) is not self:
+                return
+            del executor._waiters[stream_id]  # what still arrives for it is dropped
+            self.ended = True
+            if executor._lost is not None or not executor.started:
+                return
+            tg = executor._task_group
+            if tg is not None:
+                executor._connection.send_cancel(stream_id)
+                tg.start_soon(executor._flush_quietly)
+        except Exception:  # a loop callback must never raise (trio would crash)
+            logger.exception("could not close an abandoned stream")
+
+
 class _Stream(RemoteStream):
-    """A remote generator: items arrive within the credit the consumer grants."""
+    """A remote generator: items arrive within the credit the consumer grants.
+
+    Collected while open (``async for`` left early, never closed), it has its
+    generator closed and warns (``RemoteStream._closed_when_collected``).
+    """
 
     def __init__(
         self,
@@ -88,63 +152,63 @@ class _Stream(RemoteStream):
         callback: Callable[[Any], Any] | None,
         window: int,
     ) -> None:
+        self._inbox = _StreamInbox(executor)
+        self._closed = False
         self._executor = executor
         self._call = (target, method, args, kwargs)
         self._callback = callback
         self._window = window
-        self._items: deque[Any] = deque()
-        self._wakeup = anyio.Event()
-        self._stream_id: int | None = None
-        self._ended = False
-        self._closed = False
-        self._error: BaseException | None = None
         self._consumed = 0  # since the last credit grant
 
-    # called by the reader
-    def push(self, message: Message) -> None:
-        if isinstance(message, StreamItems):
-            self._items.extend(message.items)
-        elif isinstance(message, StreamEnd):
-            self._ended = True
-        elif isinstance(message, Failure):
-            self._ended = True
-            self._error = remote_exception(message.type_name, message.message, message.traceback)
-        self._wakeup.set()
+    def __del__(self) -> None:
+        inbox = self._inbox
+        if self._closed or inbox.ended or inbox.call_soon is None:
+            return  # closed, exhausted, failed, or never opened: nothing runs remotely
+        self._closed_when_collected(self._describe(), inbox.call_soon, inbox.close_abandoned)
 
-    def fail(self, exc: BaseException) -> None:
-        self._ended = True
-        self._error = exc
-        self._wakeup.set()
+    def _describe(self) -> str:
+        target, method = self._call[0], self._call[1]
+        if not target:
+            return f"the executor's {method!r} channel"
+        try:
+            cls = type(self._executor.registry.get_instance(target)).__qualname__
+        except UnknownInstanceError:  # deleted meanwhile
+            cls = "instance"
+        return f"{cls} {target!r}.{method}()"
 
     async def _open(self) -> None:
         target, method, args, kwargs = self._call
-        self._stream_id = await self._executor._send_call(
-            target, method, args, kwargs, stream=self._window, waiter=self
+        inbox = self._inbox
+        call_soon = threadsafe_call_soon()
+        inbox.stream_id = await self._executor._send_call(
+            target, method, args, kwargs, stream=self._window, waiter=inbox
         )
+        inbox.call_soon = call_soon
 
     async def __aenter__(self) -> Self:
-        if self._stream_id is None and not self._closed:
+        if self._inbox.stream_id is None and not self._closed:
             await self._open()
         return self
 
     async def __anext__(self) -> Any:
         if self._closed:
             raise StopAsyncIteration
-        if self._stream_id is None:
+        inbox = self._inbox
+        if inbox.stream_id is None:
             await self._open()
-        while not self._items:
-            if self._ended:
+        while not inbox.items:
+            if inbox.ended:
                 self._closed = True
-                if self._error is not None:
-                    raise self._error
+                if inbox.error is not None:
+                    raise inbox.error
                 raise StopAsyncIteration
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
-        item = self._items.popleft()
+            inbox.wakeup = anyio.Event()
+            await inbox.wakeup.wait()
+        item = inbox.items.popleft()
         self._consumed += 1
-        if self._consumed * 2 >= self._window and not self._ended:
+        if self._consumed * 2 >= self._window and not inbox.ended:
             granted, self._consumed = self._consumed, 0
-            await self._executor._grant(self._stream_id, granted)
+            await self._executor._grant(inbox.stream_id, granted)
         if self._callback is not None:
             self._callback(item)
         return item
@@ -153,14 +217,15 @@ class _Stream(RemoteStream):
         if self._closed:
             return
         self._closed = True
-        if self._stream_id is None or self._ended:
+        inbox = self._inbox
+        if inbox.stream_id is None or inbox.ended:
             return
         # Ask the server to close the generator, then wait until it has: its
         # ``finally`` has run when we return (unless we are being cancelled).
-        await self._executor._cancel(self._stream_id)
-        while not self._ended:
-            self._wakeup = anyio.Event()
-            await self._wakeup.wait()
+        await self._executor._cancel(inbox.stream_id)
+        while not inbox.ended:
+            inbox.wakeup = anyio.Event()
+            await inbox.wakeup.wait()
 
 
 class RemoteExecutor(Executor):
@@ -193,7 +258,7 @@ class RemoteExecutor(Executor):
         self._connection = RpcConnection(
             Side.CLIENT, self.registry, codec=codec, limits=self.limits
         )
-        self._waiters: dict[int, _Pending | _Stream] = {}
+        self._waiters: dict[int, _Pending | _StreamInbox] = {}
         self._transport: FrameTransport | None = None
         self._flushing = False
         self._exit_stack: AsyncExitStack | None = None
@@ -341,7 +406,7 @@ class RemoteExecutor(Executor):
         kwargs: dict[str, Any],
         *,
         stream: int = 0,
-        waiter: _Pending | _Stream,
+        waiter: _Pending | _StreamInbox,
     ) -> int:
         self._check_usable()
         stream_id = self._connection.send_call(

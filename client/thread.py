@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import importlib
 import itertools
+import logging
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -24,6 +25,7 @@ from typing import Any, ClassVar
 import anyio
 import anyio.lowlevel
 
+from remote_exec.codecs import CodecCheck
 from remote_exec.exceptions import (
     DuplicateInstanceError,
     ExecutorStateError,
@@ -46,6 +48,8 @@ from remote_exec.runtime.instances import Instance
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 
 __all__ = ["ThreadExecutor", "ThreadStream"]
+
+logger = logging.getLogger("remote_exec.client")
 
 
 def _read_attributes(obj: Any, names: tuple[str, ...]) -> dict[str, Any]:
@@ -92,7 +96,8 @@ class _LocalPeer:
         self.calls: dict[int, RuntimeCall] = {}
         self.call_soon: Callable[..., object] = _not_started
         self._ids = itertools.count(1)
-        self._waiting: dict[int, _Answer | ThreadStream] = {}
+        self.check: CodecCheck | None = None  # ThreadExecutor(check_codec=True)
+        self._waiting: dict[int, _Answer | _StreamInbox] = {}
         # The backend's own Event class: ``anyio.Event()`` looks the backend up each time.
         self.new_event: Callable[[], anyio.Event] = anyio.Event
 
@@ -111,14 +116,14 @@ class _LocalPeer:
     def cut_streams(self, reason: str) -> None:
         """Open streams end now, their items not consumed yet dropped."""
         for sid, target in list(self._waiting.items()):
-            if isinstance(target, ThreadStream):
+            if isinstance(target, _StreamInbox):
                 del self._waiting[sid]
                 target.cut_off(ExecutorStateError(f"stream cut off: {reason}"))
 
     def next_id(self) -> int:
         return next(self._ids)
 
-    def expect(self, sid: int, target: _Answer | ThreadStream) -> None:
+    def expect(self, sid: int, target: _Answer | _StreamInbox) -> None:
         self._waiting[sid] = target
 
     def abandon(self, sid: int) -> None:
@@ -129,6 +134,12 @@ class _LocalPeer:
     def reply(self, sid: int, value: Any) -> None:
         target = self._waiting.pop(sid, None)
         if isinstance(target, _Answer):
+            if self.check is not None:
+                try:
+                    self.check.result(value)
+                except Exception as exc:  # noqa: BLE001 - as a server: the caller gets why
+                    target.fail(exc)
+                    return
             target.answer(value)
 
     def fail(self, sid: int, exc: BaseException) -> None:
@@ -137,18 +148,20 @@ class _LocalPeer:
             target.fail(exc)
 
     def send_items(self, sid: int, items: list[Any]) -> None:
+        if self.check is not None:
+            self.check.items(items)  # raises: the runtime fails the stream, as on a server
         target = self._waiting.get(sid)
-        if isinstance(target, ThreadStream):
+        if isinstance(target, _StreamInbox):
             target.receive(items)
 
     def end_stream(self, sid: int) -> None:
         target = self._waiting.pop(sid, None)
-        if isinstance(target, ThreadStream):
+        if isinstance(target, _StreamInbox):
             target.end(None)
 
     def credit(self, sid: int) -> int:
         target = self._waiting.get(sid)
-        return target.credit if isinstance(target, ThreadStream) else 0
+        return target.credit if isinstance(target, _StreamInbox) else 0
 
     def schedule_flush(self, stream: StreamCall) -> None:
         stream.flush()  # no frames to batch: hand the items over at once
@@ -171,6 +184,11 @@ class ThreadExecutor(Executor):
         registry: the registry to hold instances in (a new one by default).
         init_context: enter ``ExecutorContext(self)`` while used as
             ``async with``.
+        check_codec: prove that every argument, result and stream item could
+            travel to a remote executor (encoded and decoded with msgpack and
+            ``registry``; what could not raises the ``CodecError`` a server
+            would give), so that code passing here passes everywhere. The
+            methods still get and return the caller's own objects.
     """
 
     is_remote: ClassVar[bool] = False
@@ -181,6 +199,7 @@ class ThreadExecutor(Executor):
         window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
+        check_codec: bool = False,
     ) -> None:
         super().__init__(registry=registry, init_context=init_context)
         if not isinstance(window, int) or isinstance(window, bool) or window < 1:
@@ -189,6 +208,9 @@ class ThreadExecutor(Executor):
         self._events = EventHub()
         self._runtime = InstanceRuntime(self.registry, self._events, threads_have_loops=True)
         self._peer = _LocalPeer(window)
+        self.check_codec = check_codec
+        if check_codec:
+            self._peer.check = CodecCheck(self.registry)
 
     # -- lifecycle -------------------------------------------------------------
     async def _start(self) -> None:
@@ -218,6 +240,8 @@ class ThreadExecutor(Executor):
         self.check_running()
         cls = type(obj)
         key = (cls.__module__, cls.__qualname__)
+        if self._peer.check is not None:  # what a remote executor's create request carries
+            self._peer.check.call([*key, name, list(args), kwargs, config_of(obj), False, None], {})
         await self._runtime.create(name, key, functools.partial(_same, obj))
 
     async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
@@ -279,10 +303,13 @@ class ThreadExecutor(Executor):
         instance = self._instance(obj)
         marker, bound = resolve_call(obj, fn, callback, generator=False)
         peer = self._peer
+        arguments, keywords = list(args), kwargs or {}
+        if peer.check is not None:
+            peer.check.call(arguments, keywords)
         sid = peer.next_id()
         answer = _Answer(peer.new_event(), bound)
         peer.expect(sid, answer)
-        call = self._runtime.call(peer, sid, instance, marker, list(args), kwargs or {})
+        call = self._runtime.call(peer, sid, instance, marker, arguments, keywords)
         try:
             await answer.event.wait()
         except BaseException:
@@ -307,10 +334,13 @@ class ThreadExecutor(Executor):
         instance = self._instance(obj)
         marker, bound = resolve_call(obj, gen, callback, generator=True)
         peer = self._peer
+        arguments, keywords = list(args), kwargs or {}
+        if peer.check is not None:
+            peer.check.call(arguments, keywords)
         sid = peer.next_id()
         stream = ThreadStream(peer, sid, bound)
-        peer.expect(sid, stream)
-        stream.call = self._runtime.call(peer, sid, instance, marker, list(args), kwargs or {})
+        peer.expect(sid, stream.inbox)
+        stream.call = self._runtime.call(peer, sid, instance, marker, arguments, keywords)
         return stream
 
     # -- config and properties -------------------------------------------------
@@ -379,69 +409,99 @@ class ThreadExecutor(Executor):
         return self._events.subscribe(name, channel)
 
 
-class ThreadStream(RemoteStream):
-    """The items of a generator running in an instance's worker thread.
+class _StreamInbox:
+    """What the runtime hands one stream (on the loop): items, end, error.
 
-    Each item is handed over as soon as the generator yields it; the
-    generator runs at most ``window`` items ahead of this consumer (credit is
-    granted back in halves of the window). ``aclose`` (leaving the
-    ``async with``) closes the generator in its thread and waits for that.
+    Kept apart from ``ThreadStream`` so that the peer never holds the
+    consumer's object: dropped unclosed, that object is then collected, and
+    its finaliser closes the generator (``ThreadStream.__del__``).
     """
 
-    def __init__(self, peer: _LocalPeer, sid: int, callback: Callable[[Any], Any] | None) -> None:
-        self._peer = peer
-        self._sid = sid
-        self._callback = callback
-        self.call: RuntimeCall | None = None
-        self.credit = peer.window  # items the generator may still produce
-        self._consumed = 0  # consumed since credit was last granted
-        self._buffer: deque[Any] = deque()
-        self._ended = False
-        self._error: BaseException | None = None
-        self._wakeup: anyio.Event | None = None
+    __slots__ = ("buffer", "credit", "ended", "error", "wakeup")
 
-    # -- from the runtime, on the loop -----------------------------------------
+    def __init__(self, window: int) -> None:
+        self.credit = window  # items the generator may still produce
+        self.buffer: deque[Any] = deque()
+        self.ended = False
+        self.error: BaseException | None = None
+        self.wakeup: anyio.Event | None = None
+
     def receive(self, items: list[Any]) -> None:
         self.credit -= len(items)
-        self._buffer.extend(items)
-        self._wake()
+        self.buffer.extend(items)
+        if self.wakeup is not None:
+            self.wakeup.set()
 
     def end(self, error: BaseException | None) -> None:
-        self._ended = True
-        self._error = error
-        self._wake()
+        self.ended = True
+        self.error = error
+        if self.wakeup is not None:
+            self.wakeup.set()
 
     def fail(self, exc: BaseException) -> None:
         self.end(exc)
 
     def cut_off(self, exc: BaseException) -> None:
         """The executor stopped: items not consumed yet are dropped."""
-        self._buffer.clear()
+        self.buffer.clear()
         self.end(exc)
 
-    def _wake(self) -> None:
-        if self._wakeup is not None:
-            self._wakeup.set()
+
+class ThreadStream(RemoteStream):
+    """The items of a generator running in an instance's worker thread.
+
+    Each item is handed over as soon as the generator yields it; the
+    generator runs at most ``window`` items ahead of this consumer (credit is
+    granted back in halves of the window). ``aclose`` (leaving the
+    ``async with``) closes the generator in its thread and waits for that;
+    collected while open (``async for`` left early, never closed), it has the
+    generator closed and warns (``RemoteStream._closed_when_collected``).
+    """
+
+    def __init__(self, peer: _LocalPeer, sid: int, callback: Callable[[Any], Any] | None) -> None:
+        self.inbox = _StreamInbox(peer.window)  # what the peer feeds (``peer.expect``)
+        self._closing = False
+        self._peer = peer
+        self._sid = sid
+        self._callback = callback
+        self.call: RuntimeCall | None = None
+        self._consumed = 0  # consumed since credit was last granted
+
+    def __del__(self) -> None:
+        call = self.call
+        if self._closing or self.inbox.ended or call is None:
+            return  # closed, exhausted, failed or cut off: nothing runs any more
+        instance = call.instance
+        name = f"{type(instance.obj).__qualname__} {instance.name!r}"
+        self._closed_when_collected(
+            f"{name}.{getattr(call, 'method', '?')}()",
+            self._peer.call_soon,
+            _close_abandoned,
+            self._peer,
+            self._sid,
+            call,
+        )
 
     # -- the consumer ------------------------------------------------------------
     async def __anext__(self) -> Any:
-        while not self._buffer:
-            if self._ended:
-                error, self._error = self._error, None
+        inbox = self.inbox
+        while not inbox.buffer:
+            if inbox.ended:
+                error, inbox.error = inbox.error, None
                 if error is not None:
                     raise error  # once: then the stream is just over
                 raise StopAsyncIteration
-            if self._wakeup is not None:
+            if inbox.wakeup is not None:
                 raise RuntimeError("anext(): another task is already waiting for this stream")
-            self._wakeup = wakeup = self._peer.new_event()
+            inbox.wakeup = wakeup = self._peer.new_event()
             try:
                 await wakeup.wait()  # cancelled: no item is lost, the stream goes on
             finally:
-                self._wakeup = None
-        item = self._buffer.popleft()
+                inbox.wakeup = None
+        item = inbox.buffer.popleft()
         self._consumed += 1
-        if not self._ended and self._consumed * 2 >= self._peer.window:
-            self.credit += self._consumed
+        if not inbox.ended and self._consumed * 2 >= self._peer.window:
+            inbox.credit += self._consumed
             self._consumed = 0
             if self.call is not None:
                 self.call.on_credit()
@@ -452,21 +512,34 @@ class ThreadStream(RemoteStream):
     async def aclose(self) -> None:
         """Close the generator in its thread (awaited unless the closing task
         is cancelled); idempotent."""
-        if self._ended:
+        self._closing = True
+        inbox = self.inbox
+        if inbox.ended:
             await anyio.lowlevel.checkpoint()
-            self._buffer.clear()
+            inbox.buffer.clear()
             return
         call = self.call
         if call is not None:
             call.on_cancel()
-        while not self._ended:
-            self._wakeup = wakeup = self._peer.new_event()
+        while not inbox.ended:
+            inbox.wakeup = wakeup = self._peer.new_event()
             try:
                 await wakeup.wait()
             finally:
-                self._wakeup = None
-        self._buffer.clear()
-        self._error = None
+                inbox.wakeup = None
+        inbox.buffer.clear()
+        inbox.error = None
+
+
+def _close_abandoned(peer: _LocalPeer, sid: int, call: RuntimeCall) -> None:
+    """On the loop: a stream's consumer dropped it unclosed; close its generator
+    in its thread (what it still produces is dropped)."""
+    try:
+        if peer.alive:
+            peer.abandon(sid)
+            call.on_cancel()
+    except Exception:  # a loop callback must never raise (trio would crash)
+        logger.exception("could not close an abandoned stream")
 
 
 def _not_started(*args: Any) -> None:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from .client import (
+        BlockingExecutor as BlockingExecutor,
         ProcessExecutor as ProcessExecutor,
         ThreadExecutor as ThreadExecutor,
         WebSocketExecutor as WebSocketExecutor,
@@ -59,6 +60,7 @@ if TYPE_CHECKING:
 # Each public name and the module it lives in (imported on first use).
 _HOMES: dict[str, str] = {
     # remote_exec.client
+    "BlockingExecutor": "remote_exec.client",
     "ProcessExecutor": "remote_exec.client",
     "ThreadExecutor": "remote_exec.client",
     "WebSocketExecutor": "remote_exec.client",
@@ -95,6 +97,7 @@ _HOMES: dict[str, str] = {
 
 __all__ = [
     "NO_CALLBACK",
+    "BlockingExecutor",
     "CallCancelledError",
     "CodecError",
     "ConnectionLostError",

@@ -5,13 +5,18 @@ Both codecs carry exactly the same values:
 - JSON scalars (``None``, ``bool``, 64-bit ``int``, ``float`` including NaN and
   infinities, ``str``), ``list`` and ``dict`` (keys: ``str``, ``int``, ``float``,
   ``bool`` or ``None``);
-- ``tuple`` (arrives as a tuple); numpy bool, integer and float scalars
-  (arrive as Python ``bool``, ``int`` and ``float``);
+- ``tuple`` (arrives as a tuple);
 - ``bytes``, ``bytearray``, ``memoryview`` and numpy arrays, always as
   out-of-band buffers of the frame. ``bytes``/``bytearray`` arrive as their own
   type (one copy); a ``memoryview`` arrives as a flat byte ``memoryview`` of the
   received frame and a numpy array as an array over it (no copy; read-only when
   the transport's buffer is immutable);
+- the standard types every program passes around, each as its own tag so that
+  it arrives as the same type: ``datetime``/``date``/``time``/``timedelta``,
+  ``set``/``frozenset``, ``Decimal``, pathlib paths, ``complex``, ``UUID``,
+  members of ``Enum`` classes the receiver may use (``registry.enum_class``),
+  and numpy bool, integer, float, complex, datetime64 and timedelta64 scalars
+  (which keep their dtype);
 - references to instances held by the registry (they arrive as the holder's
   own object of that name);
 - any type given a coder with ``register_coder``.
@@ -36,25 +41,52 @@ ref        6     instance name                         the held instance
 custom     7     coder name, encoded value             whatever the coder decodes
 dict       8     [key, value] pairs (JSON only)        ``dict``
 float      9     "nan", "inf" or "-inf" (JSON only)    ``float``
+datetime   10    ISO 8601 text                         ``datetime.datetime``
+date       11    ISO 8601 text                         ``datetime.date``
+time       12    ISO 8601 text                         ``datetime.time``
+timedelta  13    days, seconds, microseconds           ``datetime.timedelta``
+set        14    item, item, ...                       ``set``
+frozenset  15    item, item, ...                       ``frozenset``
+decimal    16    text (``str(d)``)                     ``decimal.Decimal``
+path       17    flavour, text                         a ``pathlib`` path
+complex    18    real, imag                            ``complex``
+uuid       19    canonical text                        ``uuid.UUID``
+enum       20    module, qualname, member              an ``Enum`` member
+npscalar   21    dtype descr, value                    a numpy scalar
 =========  ====  ====================================  =================================
 
 In JSON the tag fields are the array ``v`` (a single field is not wrapped).
-Decoding never calls anything but the registry's own coders: unknown tags,
-unknown coder names and nesting deeper than ``max_depth`` raise ``CodecError``.
-Nothing is ever unpickled.
+docs/wire-format.md spells each one out. Decoding never calls anything but
+the registry's own coders and the constructors of the types above, and never
+imports: unknown tags, unknown coder names, enum classes the registry does not
+allow and nesting deeper than ``max_depth`` raise ``CodecError``. Nothing is
+ever unpickled.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import decimal
 import json
 import math
+import os
+import pathlib
+import uuid
 from collections.abc import Callable
+from enum import Enum, Flag
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
 from .exceptions import CodecError, RemoteExecError
-from .framing import CODEC_JSON, CODEC_MSGPACK
+from .framing import (
+    CODEC_JSON,
+    CODEC_MSGPACK,
+    DEFAULT_MAX_BUFFERS,
+    DEFAULT_MAX_FRAME_SIZE,
+    encode_frame,
+)
+from .registry import wire_module
 
 if TYPE_CHECKING:
     from .registry import InstanceRegistry
@@ -68,7 +100,7 @@ try:  # numpy is optional
 except ImportError:  # pragma: no cover - exercised only without numpy
     _np = None  # type: ignore[assignment]
 
-__all__ = ["Codec", "JsonCodec", "MsgpackCodec", "codec_for", "codec_named"]
+__all__ = ["Codec", "CodecCheck", "JsonCodec", "MsgpackCodec", "codec_for", "codec_named"]
 
 DEFAULT_MAX_DEPTH = 64
 
@@ -76,6 +108,8 @@ INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
 
 T_BYTES, T_BYTEARRAY, T_MEMVIEW, T_NDARRAY, T_TUPLE, T_REF, T_CUSTOM, T_DICT, T_FLOAT = range(1, 10)
+T_DATETIME, T_DATE, T_TIME, T_TIMEDELTA, T_SET, T_FROZENSET = range(10, 16)
+T_DECIMAL, T_PATH, T_COMPLEX, T_UUID, T_ENUM, T_NPSCALAR = range(16, 22)
 _TAG_NAMES = {
     T_BYTES: "bytes",
     T_BYTEARRAY: "bytearray",
@@ -86,6 +120,18 @@ _TAG_NAMES = {
     T_CUSTOM: "custom",
     T_DICT: "dict",
     T_FLOAT: "float",
+    T_DATETIME: "datetime",
+    T_DATE: "date",
+    T_TIME: "time",
+    T_TIMEDELTA: "timedelta",
+    T_SET: "set",
+    T_FROZENSET: "frozenset",
+    T_DECIMAL: "decimal",
+    T_PATH: "path",
+    T_COMPLEX: "complex",
+    T_UUID: "uuid",
+    T_ENUM: "enum",
+    T_NPSCALAR: "npscalar",
 }
 _TAG_CODES = {name: code for code, name in _TAG_NAMES.items()}
 _SCALARS = (str, int, float, bool, type(None))
@@ -198,10 +244,11 @@ class _Walker:
                 buffers.append(view.cast("B") if view.ndim != 1 or view.format != "B" else view)
                 code = T_BYTES if kind is bytes else T_BYTEARRAY if kind is bytearray else T_MEMVIEW
                 return self.tag(code, [len(buffers) - 1])
+            native = _LOWERERS.get(kind)  # the standard types and numpy scalars
+            if native is not None:
+                return native(self, obj, lower, depth)
             if _np is not None and isinstance(obj, _np.ndarray):
                 return self._lower_array(obj, buffers)
-            if _np is not None and isinstance(obj, _np.bool_ | _np.integer | _np.floating):
-                return lower(obj.item(), depth)  # numpy scalars travel as Python numbers
             if registry is not None:
                 name = registry.name_of(obj)
                 if name is not None:
@@ -209,9 +256,15 @@ class _Walker:
                 coder = registry.coder_for_type(kind)
                 if coder is not None:
                     return self.tag(T_CUSTOM, [coder.name, lower(coder.encode(obj), depth)])
-            for base in (bool, int, float, str):  # subclasses such as IntEnum or StrEnum
+            if isinstance(obj, Enum) and not isinstance(obj, _PLAIN_ENUM_MIXINS):
+                return _lower_enum(self, obj)
+            for base, plain in _PLAIN_BASES:  # subclasses such as IntEnum or StrEnum
                 if isinstance(obj, base):
-                    return lower(base(obj), depth)
+                    return lower(plain(obj), depth)  # the value, whatever __str__ says
+            for base in kind.__mro__[1:]:  # subclasses of the standard types travel as them
+                native = _LOWERERS.get(base)
+                if native is not None:
+                    return native(self, obj, lower, depth)
             raise CodecError(
                 f"cannot encode a {kind.__module__}.{kind.__qualname__}: register it with "
                 "register_coder(name, cls, encode, decode) or hold it as a remote instance"
@@ -358,6 +411,9 @@ class _Walker:
             if text not in ("nan", "inf", "-inf"):
                 raise CodecError(f"invalid float tag {text!r}")
             return float(text)
+        native = _RAISERS.get(code)
+        if native is not None:
+            return native(fields, raise_, depth, registry)
         raise CodecError(f"unknown tag {code!r}")
 
     @staticmethod
@@ -422,6 +478,318 @@ def _raise_descr(descr: Any, depth: int = 0) -> Any:
     return out
 
 
+# -- the standard types ----------------------------------------------------------
+# A lowerer turns one value into its tag, a raiser turns a tag's fields back
+# into the value. Exact types are found with one dict lookup in the walk, after
+# the hot types (str, int, float, bool, None, list, dict, tuple, bytes) have
+# returned; subclasses go through their MRO after the registry's coders.
+
+_ISO_MAX = 64  # longer than any ISO 8601 text isoformat() writes
+_PLAIN_ENUM_MIXINS = (int, float, str)  # IntEnum, StrEnum, IntFlag, ...: sent as plain values
+_PLAIN_BASES: tuple[tuple[type, Callable[[Any], Any]], ...] = (
+    (int, int.__int__),  # bool too
+    (float, float.__float__),
+    (str, str.__str__),
+)
+_NATIVE_PURE = "PureWindowsPath" if os.name == "nt" else "PurePosixPath"
+_NATIVE_CONCRETE = "WindowsPath" if os.name == "nt" else "PosixPath"
+_PATH_FLAVOURS: dict[type, str] = {
+    pathlib.PurePosixPath: "PurePosixPath",
+    pathlib.PureWindowsPath: "PureWindowsPath",
+    pathlib.PosixPath: "PosixPath",
+    pathlib.WindowsPath: "WindowsPath",
+    pathlib.Path: _NATIVE_CONCRETE,  # a subclass of Path (Python 3.12+) of no flavour
+    pathlib.PurePath: _NATIVE_PURE,
+}
+
+_Lower = Callable[[Any, int], Any]
+_Lowerer = Callable[[_Walker, Any, _Lower, int], Any]
+_Raiser = Callable[[list[Any], _Lower, int, "InstanceRegistry | None"], Any]
+
+
+def _text(value: Any, what: str, limit: int | None = None) -> str:
+    if type(value) is not str:
+        raise CodecError(f"a {what} tag holds text, not {type(value).__name__}")
+    if limit is not None and len(value) > limit:
+        raise CodecError(f"a {what} tag's text is longer than {limit} characters")
+    return value
+
+
+def _integer(value: Any, what: str) -> int:
+    if type(value) is not int:
+        raise CodecError(f"a {what} tag holds integers, not {type(value).__name__}")
+    return value
+
+
+def _number(value: Any, what: str) -> float:
+    if type(value) is not float and type(value) is not int:
+        raise CodecError(f"a {what} tag holds numbers, not {type(value).__name__}")
+    return float(value)
+
+
+def _check_offset(offset: _dt.timedelta | None) -> None:
+    # A fraction of a second is not read back reliably (Python 3.11 reads
+    # "+00:00:00.5" as UTC); no real time zone has one.
+    if offset is not None and offset.microseconds:
+        raise CodecError(f"a UTC offset of {offset} (a fraction of a second) cannot travel")
+
+
+def _lower_datetime(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    # The base class's methods, so that a subclass (pandas' Timestamp) sends what it is.
+    if obj.tzinfo is not None:
+        _check_offset(_dt.datetime.utcoffset(obj))
+    return w.tag(T_DATETIME, [_dt.datetime.isoformat(obj)])
+
+
+def _lower_date(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_DATE, [_dt.date.isoformat(obj)])
+
+
+def _lower_time(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    if obj.tzinfo is not None:
+        _check_offset(_dt.time.utcoffset(obj))
+    return w.tag(T_TIME, [_dt.time.isoformat(obj)])
+
+
+def _lower_timedelta(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_TIMEDELTA, [obj.days, obj.seconds, obj.microseconds])
+
+
+def _lower_set(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_SET, [lower(item, depth) for item in obj])
+
+
+def _lower_frozenset(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_FROZENSET, [lower(item, depth) for item in obj])
+
+
+def _lower_decimal(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_DECIMAL, [decimal.Decimal.__str__(obj)])  # exact: sign, digits, exponent
+
+
+def _lower_path(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    flavour = next(_PATH_FLAVOURS[base] for base in type(obj).__mro__ if base in _PATH_FLAVOURS)
+    return w.tag(T_PATH, [flavour, pathlib.PurePath.__str__(obj)])
+
+
+def _lower_complex(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_COMPLEX, [w.lower_float(obj.real), w.lower_float(obj.imag)])
+
+
+def _lower_uuid(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    return w.tag(T_UUID, [uuid.UUID.__str__(obj)])
+
+
+def _lower_enum(w: _Walker, obj: Enum) -> Any:
+    cls = type(obj)
+    qualname = cls.__qualname__
+    if "<locals>" in qualname:
+        raise CodecError(
+            f"enum class {cls.__module__}.{qualname} is defined inside a function: "
+            "the receiving side cannot find it (define it at module level)"
+        )
+    member: str | int
+    if obj._name_ is not None and cls.__members__.get(obj._name_) is obj:
+        member = obj._name_
+    elif isinstance(obj, Flag) and type(obj._value_) is int and INT_MIN <= obj._value_ <= INT_MAX:
+        member = obj._value_  # a combination of flags has no member name
+    else:
+        raise CodecError(f"{obj!r} is not a named member of {qualname}")
+    return w.tag(T_ENUM, [wire_module(cls.__module__), qualname, member])
+
+
+def _lower_npscalar(w: _Walker, obj: Any, lower: _Lower, depth: int) -> Any:
+    dtype = obj.dtype
+    kind = dtype.kind
+    value: Any
+    if kind == "b":
+        value = bool(obj)
+    elif kind in "iu":
+        value = int(obj)
+    elif kind == "f" and dtype.itemsize <= 8:
+        value = w.lower_float(float(obj))
+    elif kind == "c" and dtype.itemsize <= 16:
+        value = [w.lower_float(float(obj.real)), w.lower_float(float(obj.imag))]
+    elif kind in "mM":
+        value = int(obj.view(_np.int64))  # the count of the dtype's unit; NaT is -2**63
+    else:
+        raise CodecError(
+            f"a numpy {dtype} scalar cannot travel as a scalar without losing precision: "
+            "send numpy.asarray(value) instead"
+        )
+    return w.tag(T_NPSCALAR, [dtype.str, value])
+
+
+def _raise_datetime(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    (text,) = fields
+    return _dt.datetime.fromisoformat(_text(text, "datetime", _ISO_MAX))
+
+
+def _raise_date(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    (text,) = fields
+    return _dt.date.fromisoformat(_text(text, "date", _ISO_MAX))
+
+
+def _raise_time(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    (text,) = fields
+    return _dt.time.fromisoformat(_text(text, "time", _ISO_MAX))
+
+
+def _raise_timedelta(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    days, seconds, microseconds = (_integer(field, "timedelta") for field in fields)
+    return _dt.timedelta(days=days, seconds=seconds, microseconds=microseconds)
+
+
+def _raise_set(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    return {raise_(item, depth) for item in fields}  # an unhashable item is a TypeError
+
+
+def _raise_frozenset(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    return frozenset(raise_(item, depth) for item in fields)
+
+
+def _raise_decimal(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    (text,) = fields
+    try:
+        return decimal.Decimal(_text(text, "decimal"))
+    except decimal.InvalidOperation:
+        raise CodecError(f"invalid decimal text {text[:64]!r}") from None
+
+
+def _raise_path(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    flavour, text = fields
+    text = _text(text, "path")
+    if flavour == "PurePosixPath":
+        return pathlib.PurePosixPath(text)
+    if flavour == "PureWindowsPath":
+        return pathlib.PureWindowsPath(text)
+    if flavour == "PosixPath":  # a concrete path of another OS arrives as a pure one
+        return pathlib.Path(text) if os.name != "nt" else pathlib.PurePosixPath(text)
+    if flavour == "WindowsPath":
+        return pathlib.Path(text) if os.name == "nt" else pathlib.PureWindowsPath(text)
+    raise CodecError(f"unknown path flavour {flavour!r}")
+
+
+def _raise_complex(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    real, imag = (_number(raise_(field, depth), "complex") for field in fields)
+    return complex(real, imag)
+
+
+def _raise_uuid(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    (text,) = fields
+    return uuid.UUID(_text(text, "uuid", _ISO_MAX))
+
+
+def _raise_enum(
+    fields: list[Any], raise_: _Lower, depth: int, registry: InstanceRegistry | None
+) -> Any:
+    module, qualname, member = fields
+    module, qualname = _text(module, "enum"), _text(qualname, "enum")
+    if registry is None:
+        raise CodecError("an enum member needs a registry to find its class")
+    cls = registry.enum_class(module, qualname)  # never imports; CodecError if not allowed
+    if type(member) is str:
+        found = cls.__members__.get(member)
+        if found is None:
+            raise CodecError(f"{module}.{qualname} has no member {member[:64]!r}")
+        return found
+    if type(member) is int and issubclass(cls, Flag):
+        return cls(member)
+    raise CodecError(f"an enum tag's member is a name (or an int for a Flag), not {member!r}")
+
+
+_scalar_dtypes: dict[str, tuple[Any, int, int]] = {}  # descr -> dtype, integer bounds
+
+
+def _scalar_dtype(descr: Any) -> tuple[Any, int, int]:
+    """The dtype of a scalar's descr (cached: parsing one costs more than the rest)."""
+    known = _scalar_dtypes.get(descr)
+    if known is None:
+        dtype = _np.dtype(_text(descr, "npscalar", _ISO_MAX))
+        low, high = (0, 0)
+        if dtype.kind in "iu":
+            info = _np.iinfo(dtype)
+            low, high = int(info.min), int(info.max)
+        known = (dtype, low, high)
+        if dtype.kind in "biufcmM" and len(_scalar_dtypes) < 256:  # bounded: peers choose them
+            _scalar_dtypes[descr] = known
+    return known
+
+
+def _raise_npscalar(fields: list[Any], raise_: _Lower, depth: int, registry: Any) -> Any:
+    if _np is None:
+        raise CodecError("received a numpy scalar but numpy is not installed")
+    descr, value = fields
+    dtype, low, high = _scalar_dtype(descr)
+    kind = dtype.kind
+    value = raise_(value, depth)
+    if kind == "b" and type(value) is bool:
+        return _np.bool_(value)
+    if kind in "iu" and type(value) is int:
+        if not low <= value <= high:
+            raise CodecError(f"{value} does not fit in a numpy {dtype}")
+        return dtype.type(value)
+    if kind == "f" and dtype.itemsize <= 8:
+        number = _number(value, "npscalar")
+        if dtype.itemsize == 8:
+            return dtype.type(number)
+        with _np.errstate(over="ignore"):  # a float64 too large for a float16: inf, no warning
+            return dtype.type(number)
+    if kind == "c" and dtype.itemsize <= 16 and type(value) is list and len(value) == 2:
+        real, imag = (_number(part, "npscalar") for part in value)
+        if dtype.itemsize == 16:
+            return dtype.type(complex(real, imag))
+        with _np.errstate(over="ignore"):
+            return dtype.type(complex(real, imag))
+    if kind in "mM" and type(value) is int:
+        if kind == "M" and value != INT_MIN and _np.datetime_data(dtype)[0] == "generic":
+            raise CodecError("a datetime64 of generic unit can only be NaT")
+        return _np.array(value, dtype=_np.int64).view(dtype.newbyteorder("="))[()]
+    raise CodecError(f"a numpy scalar tag of dtype {dtype} cannot hold {value!r}"[:200])
+
+
+_LOWERERS: dict[type, _Lowerer] = {
+    _dt.datetime: _lower_datetime,
+    _dt.date: _lower_date,
+    _dt.time: _lower_time,
+    _dt.timedelta: _lower_timedelta,
+    set: _lower_set,
+    frozenset: _lower_frozenset,
+    decimal.Decimal: _lower_decimal,
+    complex: _lower_complex,
+    uuid.UUID: _lower_uuid,
+    **dict.fromkeys(_PATH_FLAVOURS, _lower_path),
+}
+if _np is not None:
+    # every numpy scalar type of a number, a bool, a datetime64 or a timedelta64
+    # (longdouble too, to refuse it clearly)
+    for _code in "?bBhHiIlLqQefdgFDGmM":
+        _LOWERERS[_np.dtype(_code).type] = _lower_npscalar
+
+_RAISERS: dict[int, _Raiser] = {
+    T_DATETIME: _raise_datetime,
+    T_DATE: _raise_date,
+    T_TIME: _raise_time,
+    T_TIMEDELTA: _raise_timedelta,
+    T_SET: _raise_set,
+    T_FROZENSET: _raise_frozenset,
+    T_DECIMAL: _raise_decimal,
+    T_PATH: _raise_path,
+    T_COMPLEX: _raise_complex,
+    T_UUID: _raise_uuid,
+    T_ENUM: _raise_enum,
+    T_NPSCALAR: _raise_npscalar,
+}
+
+_HOT_TYPES = frozenset({str, int, float, bool, type(None), list, dict, tuple})
+_HOT_TYPES |= {bytes, bytearray, memoryview}
+
+
+def carried_natively(cls: type) -> bool:
+    """Whether the codecs carry ``cls`` themselves (a coder for it would never be used)."""
+    return cls in _HOT_TYPES or cls in _LOWERERS or (_np is not None and cls is _np.ndarray)
+
+
 class MsgpackCodec(_Walker):
     """The default codec: msgpack body, tags as ``[ExtType(code), *fields]``."""
 
@@ -474,7 +842,10 @@ class JsonCodec(_Walker):
     name = "json"
     uses_plain_dicts = False
 
-    _VARIADIC = frozenset({T_NDARRAY, T_CUSTOM, T_TUPLE, T_DICT})
+    _VARIADIC = frozenset(
+        {T_NDARRAY, T_CUSTOM, T_TUPLE, T_DICT, T_TIMEDELTA, T_SET, T_FROZENSET}
+        | {T_PATH, T_COMPLEX, T_ENUM, T_NPSCALAR}
+    )
 
     def tag(self, code: int, fields: list[Any]) -> Any:
         return {"$rx": _TAG_NAMES[code], "v": fields if code in self._VARIADIC else fields[0]}
@@ -550,3 +921,56 @@ def codec_named(name: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Codec:
         return codec_for(_NAMES[name], max_depth)
     except KeyError:
         raise ValueError(f"unknown codec {name!r}: use 'msgpack' or 'json'") from None
+
+
+class CodecCheck:
+    """Proves that values could travel to a remote executor, without sending them.
+
+    ThreadExecutor(check_codec=True) runs every argument, result and stream
+    item through this, so that code tested on threads passes on the process
+    executor and the daemon too: each message is encoded as a remote
+    executor's connection would (msgpack, the executor's registry, the default
+    frame caps) and its payload decoded as the receiver would. What could not
+    travel raises the ``CodecError`` (or ``FrameError``) the remote side
+    would; the values themselves are never replaced by the decoded copies.
+    """
+
+    def __init__(
+        self,
+        registry: InstanceRegistry,
+        *,
+        max_size: int = DEFAULT_MAX_FRAME_SIZE,
+        max_buffers: int = DEFAULT_MAX_BUFFERS,
+    ) -> None:
+        self.registry = registry
+        self.max_size = max_size
+        self.max_buffers = max_buffers
+        self._codec = MsgpackCodec()
+
+    def call(self, args: list[Any], kwargs: dict[str, Any]) -> None:
+        """The arguments of a call, as a Call message carries them."""
+        self._travel([1, 1, "", "", args, kwargs, False, 0, {}], 4, 6)
+
+    def result(self, value: Any) -> None:
+        """A call's return value, as a Result message carries it."""
+        self._travel([2, 1, value], 2, 3)
+
+    def items(self, items: list[Any]) -> None:
+        """Stream items, as StreamItems messages carry them (split when too large)."""
+        try:
+            self._travel([4, 1, items], 2, 3)
+        except RemoteExecError:
+            if len(items) < 2:
+                raise
+            for item in items:  # the server sends a batch over the cap in pieces
+                self._travel([4, 1, [item]], 2, 3)
+
+    def _travel(self, message: list[Any], start: int, stop: int) -> None:
+        codec, registry = self._codec, self.registry
+        body, buffers = codec.dumps(message, registry, head=2)
+        encode_frame(
+            codec.codec_id, body, buffers, max_size=self.max_size, max_buffers=self.max_buffers
+        )
+        tree = codec.parse(memoryview(body))
+        for field in tree[start:stop]:  # each payload field, from depth 0 as a receiver does
+            codec.build(field, registry, buffers)

@@ -7,10 +7,14 @@ properties, lifecycle checks, entering the context) lives here.
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
 import functools
 import inspect
 import math
+import sys
+import threading
+import warnings
 from abc import ABC, abstractmethod
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -91,6 +95,82 @@ def running_in_place() -> Iterator[None]:
         yield
     finally:
         _in_place.reset(token)
+
+
+@dataclass(slots=True)
+class ClientMainImport:
+    """A client's main script being imported on the remote side (the daemon
+    with ``--allow-import-from-main``, the process executor's child) to create
+    a class it defines; see ``importing_client_main``.
+
+    ``trapped`` says what its top-level code tried that must not run there
+    (starting an executor, running an event loop), and where; ``thread`` is
+    the thread that imports it.
+    """
+
+    path: str
+    trapped: str | None = None
+    thread: int = 0
+
+    def message(self) -> str:
+        """The error that explains the trap and names the fix."""
+        return (
+            f"the client's main script {self.path} was imported on the remote side (a "
+            "process executor's child, or a daemon with --allow-import-from-main) to "
+            f"create a class it defines, and its top-level code {self.trapped}, which "
+            "would run the client's program again over there. Put that code under "
+            '`if __name__ == "__main__":` so that it runs only when the file is run as a '
+            "program, or move the class into a module of its own"
+        )
+
+
+_client_main: contextvars.ContextVar[ClientMainImport | None] = contextvars.ContextVar(
+    "remote_exec_client_main", default=None
+)
+
+
+@contextmanager
+def importing_client_main(path: str) -> Iterator[ClientMainImport]:
+    """Mark the code run inside (and the event loops and tasks it would start,
+    which inherit the context) as the import of a client's main script on the
+    remote side: an executor started there raises ``ExecutorStateError``
+    (``check_not_importing_client_main``). The marker records what was tried."""
+    marker = ClientMainImport(path, thread=threading.get_ident())
+    token = _client_main.set(marker)
+    try:
+        yield marker
+    finally:
+        _client_main.reset(token)
+
+
+def check_not_importing_client_main(what: str) -> None:
+    """Raise ``ExecutorStateError`` if a client's main script is being imported
+    on the remote side (``importing_client_main``): ``what`` (e.g. "starts a
+    ProcessExecutor") must not happen there.
+
+    Raises:
+        ExecutorStateError: naming the script, the line that did it and the fix.
+    """
+    marker = _client_main.get()
+    if marker is None:
+        return
+    # The script's line is on this thread's stack, or (an executor started on
+    # a loop in another thread, e.g. a blocking portal's) on the importing one's.
+    where = script_location(marker.path, sys._getframe(1)) or script_location(
+        marker.path, sys._current_frames().get(marker.thread)
+    )
+    marker.trapped = f"{what}{where}"
+    raise ExecutorStateError(marker.message())
+
+
+def script_location(path: str, frame: Any) -> str:
+    """`` (line N)`` of the innermost frame of ``frame``'s stack that runs the
+    file ``path``, or "" if none does."""
+    while frame is not None:
+        if frame.f_code.co_filename == path:
+            return f" (line {frame.f_lineno})"
+        frame = frame.f_back
+    return ""
 
 
 class ExecutorContext:
@@ -201,7 +281,10 @@ class RemoteStream(ABC):
     yields an async iterator, and that async iterator itself.
 
     Leaving the ``async with`` block (or ``aclose()``) closes the generator
-    where it runs, so its ``finally`` runs there.
+    where it runs, so its ``finally`` runs there. ``async for`` alone cannot:
+    a ``break`` does not close an async iterator. So an executor's stream that
+    is collected while its generator may still run (iteration stopped early,
+    never closed) closes it then and warns (``_closed_when_collected``).
     """
 
     async def __aenter__(self) -> Self:
@@ -224,6 +307,33 @@ class RemoteStream(ABC):
     @abstractmethod
     async def aclose(self) -> None:
         """Close the generator (idempotent)."""
+
+    def _closed_when_collected(
+        self, call: str, call_soon: Callable[..., object], close: Callable[..., object], *args: Any
+    ) -> None:
+        """For ``__del__`` of a stream dropped while its generator may still run.
+
+        A finaliser cannot await and may run in any thread, so ``close(*args)``
+        is scheduled on the executor's loop through ``call_soon``, its
+        thread-safe entry point (it must not need this stream). If that loop is
+        gone, nothing can close it any more (a remote side closes it when the
+        connection drops). Either way a ``ResourceWarning`` names the ``call``
+        and says how to close it in time.
+        """
+        if sys.is_finalizing():
+            return
+        # Raises if its loop is closed, or its trio run finished.
+        with contextlib.suppress(Exception):
+            call_soon(close, *args)
+        warnings.warn(
+            f"the stream of {call} was dropped before its end without being closed, so "
+            "its generator is closed only now; use `async with` (`async with "
+            "obj.method(...) as items:`) or `await items.aclose()` to close it as soon "
+            "as you stop iterating",
+            ResourceWarning,
+            stacklevel=2,
+            source=self,
+        )
 
 
 class Executor(ABC):
@@ -270,7 +380,14 @@ class Executor(ABC):
         return self._state == "running"
 
     async def start(self) -> None:
-        """Start the executor (``async with`` does this)."""
+        """Start the executor (``async with`` does this).
+
+        Raises:
+            ExecutorStateError: started twice, or started by a client's main
+                script while the remote side imports it (an unguarded
+                ``anyio.run(main)``: see ``importing_client_main``).
+        """
+        check_not_importing_client_main(f"starts a {type(self).__name__}")
         if self._state != "new":
             raise ExecutorStateError(f"{type(self).__name__} cannot be started twice")
         self._state = "starting"

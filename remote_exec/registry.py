@@ -7,13 +7,25 @@ when they are made (filled by the module-level ``register_coder``).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from enum import Enum
+from types import ModuleType
 from typing import Any
 
 from .exceptions import CodecError, DuplicateInstanceError, RegistryError, UnknownInstanceError
 
 __all__ = ["InstanceRegistry", "register_coder"]
+
+# A server imports a client's main script under a private name of this prefix
+# (server/dispatch.py); its classes are ``__main__`` classes to the client.
+MAIN_MODULE_PREFIX = "__remote_exec_main_"
+
+
+def wire_module(module: str) -> str:
+    """The module name a class of ``module`` is known by on the wire."""
+    return "__main__" if module.startswith(MAIN_MODULE_PREFIX) else module
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,10 +43,17 @@ _default_coders: dict[str, Coder] = {}
 
 
 def _check_coder(name: str, cls: type, coders: dict[str, Coder]) -> None:
+    from .codecs import carried_natively  # codecs imports this module
+
     if not isinstance(name, str) or not name:
         raise ValueError("a coder needs a non-empty string name")
     if not isinstance(cls, type):
         raise TypeError(f"register_coder needs a class, got {cls!r}")
+    if carried_natively(cls):
+        raise RegistryError(
+            f"{cls.__module__}.{cls.__qualname__} travels natively (docs/wire-format.md): "
+            "a coder for it would never be used"
+        )
     existing = coders.get(name)
     if existing is not None and existing.cls is not cls:
         raise RegistryError(f"coder name {name!r} is already used for {existing.cls.__qualname__}")
@@ -58,7 +77,12 @@ def qualified_name(cls: type) -> tuple[str, str]:
 
 
 class InstanceRegistry:
-    """Named instances both ways, registered classes, and the coders."""
+    """Named instances both ways, registered classes, and the coders.
+
+    Attributes:
+        module_allowed: on a server, its allow-list (``module -> bool``): Enum
+            classes of an allowed module already imported may be decoded too.
+    """
 
     def __init__(self) -> None:
         self._instances: dict[str, Any] = {}
@@ -66,6 +90,12 @@ class InstanceRegistry:
         self._classes: dict[tuple[str, str], type] = {}
         self._coders: dict[str, Coder] = dict(_default_coders)
         self._coders_by_type: dict[type, Coder] = {c.cls: c for c in self._coders.values()}
+        # The modules this side uses: of held instances' classes (counted) and of
+        # registered classes. Enum classes defined there may be decoded.
+        self._held_modules: dict[str, int] = {}
+        self._class_modules: set[str] = set()
+        self._enums: dict[tuple[str, str], type[Enum]] = {}  # resolved, until an instance goes
+        self.module_allowed: Callable[[str], bool] | None = None
 
     # -- instances -------------------------------------------------------------
     def add_instance(self, obj: Any, name: str) -> None:
@@ -84,6 +114,8 @@ class InstanceRegistry:
             )
         self._instances[name] = obj
         self._names[id(obj)] = name
+        module = type(obj).__module__
+        self._held_modules[module] = self._held_modules.get(module, 0) + 1
 
     def remove_instance(self, obj_or_name: Any) -> Any:
         """Stop holding an instance (given by object or name); returns it."""
@@ -91,6 +123,13 @@ class InstanceRegistry:
         obj = self.get_instance(name)
         del self._instances[name]
         del self._names[id(obj)]
+        module = type(obj).__module__
+        left = self._held_modules.get(module, 1) - 1
+        if left > 0:
+            self._held_modules[module] = left
+        else:
+            self._held_modules.pop(module, None)
+            self._enums.clear()  # its module may no longer be one this side uses
         return obj
 
     def get_instance(self, name: str) -> Any:
@@ -139,9 +178,52 @@ class InstanceRegistry:
         if known is not None and known is not cls:
             raise RegistryError(f"another class is already registered as {key[0]}.{key[1]}")
         self._classes[key] = cls
+        self._class_modules.add(cls.__module__)
 
     def get_class(self, module: str, qualname: str) -> type | None:
         return self._classes.get((module, qualname))
+
+    def enum_class(self, module: str, qualname: str) -> type[Enum]:
+        """The Enum class an enum member on the wire names; never imports anything.
+
+        Found if it is a registered class, or defined (at module level or in a
+        class) in an already imported module this side uses: one of a held
+        instance's class, of a registered class, or one ``module_allowed``
+        accepts. ``"__main__"`` also means a client's main script a server
+        loaded (``MAIN_MODULE_PREFIX``).
+
+        Raises:
+            CodecError: no such Enum class may be used here.
+        """
+        key = (module, qualname)
+        cls = self._enums.get(key)
+        if cls is not None:
+            return cls
+        found: Any = self._classes.get(key)
+        if found is None:
+            candidates = [module] if self._uses_module(module) else []
+            if module == "__main__":
+                candidates += sorted(
+                    m for m in list(sys.modules) if m.startswith(MAIN_MODULE_PREFIX)
+                )
+            hits = {c for m in candidates if (c := _defined_class(sys.modules.get(m), qualname))}
+            if len(hits) > 1:
+                raise CodecError(f"enum class __main__.{qualname} is ambiguous on this side")
+            found = hits.pop() if hits else None
+        if not (isinstance(found, type) and issubclass(found, Enum)):
+            raise CodecError(
+                f"enum class {module}.{qualname} may not be decoded here: it is neither "
+                "registered nor defined in an imported module this side holds instances of "
+                f"(or allows); register it with `await executor.register_remote_class({qualname})`"
+            )
+        self._enums[key] = found
+        return found
+
+    def _uses_module(self, module: str) -> bool:
+        if module in self._held_modules or module in self._class_modules:
+            return True
+        allowed = self.module_allowed
+        return allowed is not None and allowed(module)
 
     # -- coders ----------------------------------------------------------------
     def register_coder(
@@ -175,6 +257,26 @@ class InstanceRegistry:
             return self._coders[name]
         except KeyError:
             raise CodecError(f"no coder named {name!r} is registered on this side") from None
+
+
+def _defined_class(module: ModuleType | None, qualname: str) -> type | None:
+    """The class ``qualname`` defined in ``module``, looked up in namespaces only
+    (no ``getattr``: a module's ``__getattr__`` could import or run code)."""
+    if module is None:
+        return None
+    obj: Any = module
+    for part in qualname.split("."):
+        if not part.isidentifier() or part.startswith("__"):
+            return None
+        obj = vars(obj).get(part)
+        if not isinstance(obj, type):
+            return None
+    if not isinstance(obj, type) or (obj.__module__, obj.__qualname__) != (
+        module.__name__,
+        qualname,
+    ):
+        return None  # imported from elsewhere, not defined here
+    return obj
 
 
 def _describe(obj: Any) -> str:

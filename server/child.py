@@ -3,7 +3,7 @@
 ::
 
     python -m remote_exec.server.child --fd N [--allow-module PATTERN ...]
-        [--allow-import-from-main] [--backend asyncio|trio]
+        [--allow-import-from-main] [--backend asyncio|trio] [--create-timeout S]
         [--parent-pipe FD] [--pdeathsig]
 
 ``ProcessExecutor`` starts this with one end of a ``socketpair`` passed as file
@@ -49,7 +49,7 @@ from remote_exec.protocol import Limits
 from remote_exec.runtime.sockets import socket_stream
 from remote_exec.runtime.transport import StreamTransport
 
-from .dispatch import Dispatcher
+from .dispatch import DEFAULT_CREATE_TIMEOUT, Dispatcher
 
 __all__ = ["main"]
 
@@ -58,6 +58,11 @@ logger = logging.getLogger("remote_exec.server")
 # How long cleanup may take once the parent is gone before the child just exits.
 _EXIT_GRACE = 2.0
 _PR_SET_PDEATHSIG = 1
+_IMPORT_HINT = (
+    "run the parent from the directory that holds it, put that directory on the "
+    "parent's sys.path (the child gets it as PYTHONPATH), or start the executor "
+    "with ProcessExecutor(cwd=DIR) or env={'PYTHONPATH': DIR}"
+)
 
 
 def _die_with_parent() -> None:
@@ -121,13 +126,19 @@ class _ParentLink(StreamTransport):
 
 
 async def _serve(
-    fd: int, allow_modules: Sequence[str], allow_import_from_main: bool, limits: Limits
+    fd: int,
+    allow_modules: Sequence[str],
+    allow_import_from_main: bool,
+    limits: Limits,
+    create_timeout: float,
 ) -> None:
     dispatcher = Dispatcher(
         allow_modules=allow_modules,
         allow_import_from_main=allow_import_from_main,
         limits=limits,
         close_grace=_EXIT_GRACE / 2,
+        create_timeout=create_timeout,
+        import_hint=_IMPORT_HINT,
     )
     stream = await socket_stream(socket.socket(fileno=fd))
     link = _ParentLink(stream, max_size=limits.max_message_size, max_buffers=limits.max_buffers)
@@ -166,6 +177,13 @@ def _parse(argv: Sequence[str] | None) -> argparse.Namespace:
         help="create classes defined in the parent's __main__ by importing its main file",
     )
     parser.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    parser.add_argument(
+        "--create-timeout",
+        type=float,
+        default=DEFAULT_CREATE_TIMEOUT,
+        metavar="SECONDS",
+        help="time creating an instance may take, its import included (default %(default)g)",
+    )
     parser.add_argument(
         "--limits",
         type=_limits,
@@ -208,6 +226,7 @@ def main(argv: Sequence[str] | None = None) -> None:
             options.allow_module,
             options.allow_import_from_main,
             options.limits,
+            options.create_timeout,
             backend=options.backend,
         )
     except BaseException:

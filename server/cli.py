@@ -3,15 +3,21 @@
 ::
 
     remote-exec serve --host 127.0.0.1 --port 8765 [--allow-module PATTERN ...]
-        [--allow-import-from-main] [--token-file F | --no-auth]
+        [--allow-import-from-main] [--path DIR ...] [--token-file F | --no-auth]
         [--certfile F --keyfile F] [--insecure] [--backend asyncio|trio]
         [--allowed-origin O ...] [--grace S] [--ping-interval S] [--log-level L]
-        [--max-message-size N] [--max-buffers N] [--max-depth N] [--max-calls N]
+        [--max-message-size SIZE] [--max-buffers N] [--max-depth N] [--max-calls N]
         [--max-queued-items N] [--max-queued-events N] [--max-instances N]
         [--max-server-instances N] [--max-connections N]
-        [--handshake-timeout S] [--idle-timeout S]
+        [--handshake-timeout S] [--idle-timeout S] [--create-timeout S]
+    remote-exec --version
 
 ``python -m remote_exec.server [options]`` is the same as ``remote-exec serve [options]``.
+
+Finding your code: the daemon imports allowed modules from its ``sys.path``,
+to which it puts the current directory first (as ``python -m`` does), and each
+``--path DIR`` before that. ``--allow-module 'pkg.*'`` allows the package
+``pkg`` itself and everything below it.
 
 The daemon binds its listening socket itself (so ``--port 0`` picks a free
 port), hands it to hypercorn as ``fd://N``, and once it serves prints exactly
@@ -20,7 +26,10 @@ one line to stdout::
     remote-exec serving on ws://127.0.0.1:8765 (token file: /home/me/.local/state/remote-exec/token)
 
 (``wss://`` with TLS; the token file part only when the token is in a file; the
-token itself is never printed). Everything else goes to stderr via ``logging``.
+token itself is never printed). Everything else goes to stderr via ``logging``,
+starting with one line that says what it serves: its version and backend, the
+directories it imports from, its allow-list and its message size cap (sizes
+are shown, and accepted, as ``128MiB``, ``64KiB``, ``1GiB`` or plain bytes).
 
 Safety: binds 127.0.0.1 unless told; a non-loopback address needs TLS
 (``--certfile``/``--keyfile``) or an explicit ``--insecure`` (else exit code 2);
@@ -39,9 +48,11 @@ at once (code 1).
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import logging
 import math
 import os
+import re
 import signal
 import socket
 import sys
@@ -66,9 +77,9 @@ from .app import (
     hypercorn_config,
     serve,
 )
-from .dispatch import Dispatcher
+from .dispatch import DEFAULT_CREATE_TIMEOUT, Dispatcher
 
-__all__ = ["build_parser", "limits_from_args", "main"]
+__all__ = ["build_parser", "format_size", "limits_from_args", "main", "parse_size", "version"]
 
 logger = logging.getLogger("remote_exec.server")
 
@@ -77,21 +88,45 @@ DEFAULT_PORT = 8765
 _FORCED_EXIT = 1
 
 
+def version() -> str:
+    """The installed remote-exec's version."""
+    try:
+        return importlib.metadata.version("remote-exec")
+    except importlib.metadata.PackageNotFoundError:  # pragma: no cover - run from a bare tree
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="remote-exec", description="remote-exec: run methods of Python objects remotely."
+        prog="remote-exec",
+        description="remote-exec: run methods of Python objects remotely.",
+        epilog="`remote-exec serve --help` lists the daemon's options and their defaults.",
     )
+    _add_version(parser)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     serve_parser = commands.add_parser(
         "serve",
         help="run the daemon (websocket endpoint and /health, /instances)",
-        description="Serve remote-exec executors over websockets (hypercorn).",
+        description="Serve remote-exec executors over websockets (hypercorn). "
+        "`python -m remote_exec.server [options]` is the same command.",
+        epilog="Sizes take a unit: 128MiB, 64KiB, 1GiB (also kB, MB, GB: powers of 1000), "
+        "or plain bytes. Every limit is explained in docs/security.md.",
     )
     add_serve_arguments(serve_parser)
     return parser
 
 
+def _add_version(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--version",
+        action="version",
+        version=f"remote-exec {version()} (Python {sys.version.split()[0]})",
+        help="print the version and exit",
+    )
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    _add_version(parser)
     net = parser.add_argument_group("network")
     net.add_argument("--host", default=DEFAULT_HOST, help="address to bind (default %(default)s)")
     net.add_argument(
@@ -100,29 +135,42 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_PORT,
         help="port, 0 for any free one (default %(default)s)",
     )
-    net.add_argument("--certfile", help="TLS certificate (PEM): serve wss://")
-    net.add_argument("--keyfile", help="TLS private key (PEM)")
+    net.add_argument(
+        "--certfile",
+        metavar="FILE",
+        help="TLS certificate (PEM): serve wss:// (default: none, ws://)",
+    )
+    net.add_argument(
+        "--keyfile", metavar="FILE", help="TLS private key (PEM), with --certfile (default: none)"
+    )
     net.add_argument(
         "--insecure",
         action="store_true",
-        help="allow a non-loopback bind without TLS (the token travels in clear text)",
+        help="allow a non-loopback bind without TLS (the token travels in clear text) "
+        "(default: off, refused)",
     )
     net.add_argument(
         "--allowed-origin",
         action="append",
         default=[],
         metavar="ORIGIN",
-        help="browser Origin allowed to connect (repeatable; '*' for any)",
+        help="browser Origin allowed to connect (repeatable; '*' for any) "
+        "(default: none, every browser page is refused)",
     )
 
     auth = parser.add_argument_group("authentication").add_mutually_exclusive_group()
     auth.add_argument(
         "--token-file",
         type=Path,
-        help=f"file holding the token (created if missing); default: ${TOKEN_ENV}, "
-        "else the per-user token file",
+        metavar="FILE",
+        help=f"file holding the token (created if missing) (default: ${TOKEN_ENV} if set, "
+        "else the per-user token file, created if missing)",
     )
-    auth.add_argument("--no-auth", action="store_true", help="accept clients without a token")
+    auth.add_argument(
+        "--no-auth",
+        action="store_true",
+        help="accept clients without a token (default: off, a token is required)",
+    )
 
     code = parser.add_argument_group("what may run")
     code.add_argument(
@@ -130,14 +178,26 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="append",
         default=[],
         metavar="PATTERN",
-        help="module (glob pattern, e.g. 'mylab.*') whose classes may be instantiated (repeatable)",
+        help="module whose classes may be created (repeatable): a name or a glob; "
+        "'mylab.*' allows the package mylab itself and every module below it, not "
+        "mylabfoo (default: none, no class can be created)",
     )
     code.add_argument(
         "--allow-import-from-main",
         action="store_true",
-        help="allow classes defined in a client's __main__ script",
+        help="allow classes defined in a client's __main__ script, imported from its file "
+        'on this machine (its `if __name__ == "__main__":` block does not run) '
+        "(default: off)",
     )
-
+    code.add_argument(
+        "--path",
+        action="append",
+        default=[],
+        metavar="DIR",
+        dest="paths",
+        help="directory to import allowed modules from, put on sys.path before the "
+        "current directory (repeatable) (default: only the current directory)",
+    )
     caps = parser.add_argument_group(
         "limits",
         "Every limit is finite; clients should use the same message size, buffer "
@@ -146,10 +206,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = Limits()
     caps.add_argument(
         "--max-message-size",
-        type=_int_at_least(1024),
+        type=_size_at_least(1024),
         default=defaults.max_message_size,
-        metavar="BYTES",
-        help="largest message accepted or sent, checked from its header (default %(default)s)",
+        metavar="SIZE",
+        help="largest message accepted or sent, checked from its header "
+        f"(default {format_size(defaults.max_message_size)})",
     )
     caps.add_argument(
         "--max-buffers",
@@ -216,7 +277,7 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=_seconds(allow_zero=False),
         default=DEFAULT_HANDSHAKE_TIMEOUT,
         metavar="SECONDS",
-        help="time to finish the TLS and websocket handshake, token included (default %(default)s)",
+        help="time to finish the TLS and websocket handshake, token included (default %(default)g)",
     )
     caps.add_argument(
         "--idle-timeout",
@@ -224,30 +285,46 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="drop a connection on which nothing arrives for this long (a live client "
-        "answers every ping); must exceed --ping-interval; 0: never (default %(default)s)",
+        "answers every ping); must exceed --ping-interval; 0: never (default %(default)g)",
+    )
+
+    caps.add_argument(
+        "--create-timeout",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_CREATE_TIMEOUT,
+        metavar="SECONDS",
+        help="time creating an instance may take: importing its module (or a client's "
+        "__main__ script) and its constructor; past it the client gets a TimeoutError "
+        "(default %(default)g)",
     )
 
     run = parser.add_argument_group("running")
-    run.add_argument("--backend", choices=("asyncio", "trio"), default="asyncio")
+    run.add_argument(
+        "--backend",
+        choices=("asyncio", "trio"),
+        default="asyncio",
+        help="the async library the daemon runs on; async methods run on it (default %(default)s)",
+    )
     run.add_argument(
         "--grace",
         type=_seconds(allow_zero=True),
         default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="on SIGINT/SIGTERM, time given to in-flight calls (default %(default)s)",
+        help="on SIGINT/SIGTERM, time given to in-flight calls (default %(default)g)",
     )
     run.add_argument(
         "--ping-interval",
         type=_seconds(allow_zero=True),
         default=DEFAULT_PING_INTERVAL,
         metavar="SECONDS",
-        help="websocket keepalive ping interval, 0 to disable (default %(default)s)",
+        help="websocket keepalive ping interval, 0 to disable (default %(default)g)",
     )
     run.add_argument(
         "--log-level",
         default="INFO",
         type=str.upper,
         choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"),
+        help="what the log on stderr shows (default %(default)s)",
     )
 
 
@@ -281,6 +358,68 @@ def _int_in(low: int, high: int | None = None) -> Callable[[str], int]:
 
 def _int_at_least(low: int) -> Callable[[str], int]:
     return _int_in(low)
+
+
+_SIZE_UNITS = {
+    "": 1,
+    "b": 1,
+    "kib": 1 << 10,
+    "mib": 1 << 20,
+    "gib": 1 << 30,
+    "tib": 1 << 40,
+    "kb": 10**3,
+    "mb": 10**6,
+    "gb": 10**9,
+    "tb": 10**12,
+}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+
+
+def parse_size(text: str) -> int:
+    """A size in bytes from ``"128MiB"``, ``"64 KiB"``, ``"1GiB"``, ``"1.5MiB"``,
+    ``"10MB"`` (powers of 1000) or plain bytes (``"134217728"``); units are
+    case-insensitive.
+
+    Raises:
+        ValueError: not a size, or not a whole number of bytes.
+    """
+    match = _SIZE.fullmatch(text)
+    unit = match.group(2).lower() if match else ""
+    if match is None or unit not in _SIZE_UNITS:
+        raise ValueError(
+            f"not a size: {text!r} (use bytes, or a number with KiB, MiB, GiB, kB, MB or GB)"
+        )
+    number, factor = match.group(1), _SIZE_UNITS[unit]
+    whole, _, fraction = number.partition(".")
+    scale: int = 10 ** len(fraction)
+    size, remainder = divmod((int(whole or "0") * scale + int(fraction or "0")) * factor, scale)
+    if remainder:
+        raise ValueError(f"not a whole number of bytes: {text!r}")
+    return size
+
+
+def format_size(size: int) -> str:
+    """``size`` bytes as ``parse_size`` reads it back, in the largest binary
+    unit that holds it exactly: ``128MiB``, ``64KiB``, or ``1000`` (bytes)."""
+    for unit, factor in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if size and size % factor == 0:
+            return f"{size // factor}{unit}"
+    return str(size)
+
+
+def _size_at_least(low: int) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            size = parse_size(text)
+        except ValueError as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+        if size < low:
+            raise argparse.ArgumentTypeError(
+                f"must be at least {format_size(low)}, not {text} ({size} bytes)"
+            )
+        return size
+
+    return parse
 
 
 def _seconds(*, allow_zero: bool) -> Callable[[str], float]:
@@ -387,6 +526,45 @@ async def _serve(app: RemoteExecApp, args: argparse.Namespace, sock: socket.sock
     return run.forced
 
 
+def _extend_sys_path(paths: Sequence[str]) -> list[str]:
+    """Put each of ``paths``, then the current directory, first on ``sys.path``
+    (``python -m`` puts the current directory there, a console script does
+    not); the entries put there, labelled for the start-up log."""
+    cwd = os.getcwd()
+    wanted = [(os.path.abspath(path), f"{os.path.abspath(path)} (--path)") for path in paths]
+    wanted.append((cwd, f"{cwd} (the current directory)"))
+    added: list[str] = []
+    entries: list[str] = []
+    for path, label in wanted:
+        if path not in entries:
+            entries.append(path)
+            added.append(label)
+    rest = [
+        e for e in sys.path if not (isinstance(e, str) and os.path.abspath(e or cwd) in entries)
+    ]
+    sys.path[:] = [*entries, *rest]
+    return added
+
+
+def _summary(args: argparse.Namespace, import_paths: Sequence[str]) -> str:
+    """The one log line at start-up: what this daemon serves, and from where."""
+    allowed = ", ".join(args.allow_module) or "none (no --allow-module: nothing can be created)"
+    return (
+        f"remote-exec {version()} on {args.backend}; imports from {', '.join(import_paths)}; "
+        f"allow-module: {allowed}; import from a client's __main__: "
+        f"{'on' if args.allow_import_from_main else 'off'}; "
+        f"max message size {format_size(args.max_message_size)}; "
+        f"create timeout {args.create_timeout:g} s"
+    )
+
+
+class _DropHypercornBanner(logging.Filter):
+    """hypercorn logs its own "Running on http://..." line: the daemon's says it better."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Running on ")
+
+
 def run_serve(args: argparse.Namespace) -> int:
     """Run the daemon for parsed ``serve`` arguments; the process exit code."""
     logging.basicConfig(
@@ -394,6 +572,7 @@ def run_serve(args: argparse.Namespace) -> int:
         stream=sys.stderr,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("hypercorn.error").addFilter(_DropHypercornBanner())
     tls = bool(args.certfile or args.keyfile)
     if tls and not (args.certfile and args.keyfile):
         raise _UsageError("TLS needs both --certfile and --keyfile")
@@ -414,6 +593,10 @@ def run_serve(args: argparse.Namespace) -> int:
         for name in (args.certfile, args.keyfile):
             if not Path(name).is_file():
                 raise _UsageError(f"no such file: {name}")
+    for directory in args.paths:
+        if not Path(directory).is_dir():
+            raise _UsageError(f"--path {directory}: no such directory")
+    import_paths = _extend_sys_path(args.paths)
 
     try:
         token, token_path = _resolve_token(args)
@@ -435,6 +618,7 @@ def run_serve(args: argparse.Namespace) -> int:
         allow_modules=args.allow_module,
         allow_import_from_main=args.allow_import_from_main,
         limits=limits,
+        create_timeout=args.create_timeout,
     )
     app = create_app(
         dispatcher,
@@ -451,9 +635,11 @@ def run_serve(args: argparse.Namespace) -> int:
     line = f"remote-exec serving on {_url(sock, tls)}"
     if token_path is not None:
         line += f" (token file: {token_path})"
+    summary = _summary(args, import_paths)
 
     def announce() -> None:
         print(line, flush=True)  # the one line a parent process waits for
+        logger.info("%s", summary)
 
     app.on_startup(announce)
     try:

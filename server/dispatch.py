@@ -17,10 +17,15 @@ import functools
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import logging
+import math
+import os
 import sys
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from types import ModuleType
 from typing import Any, ClassVar
 
@@ -29,11 +34,20 @@ import anyio.lowlevel
 
 from remote_exec.exceptions import (
     CallCancelledError,
+    ExecutorStateError,
     NotAllowedError,
     SubscriberOverflowError,
     UnknownInstanceError,
 )
-from remote_exec.executor import RemoteMethod, check_channel, config_of, remote_method
+from remote_exec.executor import (
+    ClientMainImport,
+    RemoteMethod,
+    check_channel,
+    config_of,
+    importing_client_main,
+    remote_method,
+    script_location,
+)
 from remote_exec.messages import Call
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
@@ -43,13 +57,62 @@ from remote_exec.runtime.transport import FrameTransport
 
 from .connection import Connection, OpCall
 
-__all__ = ["Dispatcher"]
+__all__ = ["DEFAULT_CREATE_TIMEOUT", "Dispatcher", "describe_sys_path", "module_allowed"]
 
 logger = logging.getLogger("remote_exec.server")
+
+DEFAULT_CREATE_TIMEOUT = 60.0
+"""Seconds creating an instance may take: importing its module (or the client's
+main script) and running its constructor; also bounds ``remote_import`` and
+``register_remote_class`` (the daemon's ``--create-timeout``)."""
+
+DAEMON_IMPORT_HINT = (
+    "start `remote-exec serve` in the directory that holds it, or add that directory "
+    "with --path DIR (repeatable)"
+)
 
 
 def _valid_module_name(module: str) -> bool:
     return bool(module) and all(part.isidentifier() for part in module.split("."))
+
+
+def module_allowed(module: str, patterns: Sequence[str]) -> bool:
+    """Whether ``module`` matches one of the allow-list ``patterns``.
+
+    A pattern is an ``fnmatch`` glob matched against the whole dotted name,
+    case-sensitively (``*`` also matches dots), and ``pkg.*`` matches the
+    package ``pkg`` itself as well as every module below it, never ``pkgfoo``.
+    """
+    for pattern in patterns:
+        if fnmatch.fnmatchcase(module, pattern):
+            return True
+        if pattern.endswith(".*") and fnmatch.fnmatchcase(module, pattern[:-2]):
+            return True
+    return False
+
+
+def describe_sys_path(limit: int = 8) -> str:
+    """This process's ``sys.path`` for an error message: the entries outside
+    the Python installation in full (at most ``limit``), the rest counted."""
+    cwd = os.getcwd()
+    roots = {os.path.abspath(p) for p in (sys.prefix, sys.base_prefix, sys.exec_prefix)}
+    shown: list[str] = []
+    installation = 0
+    for entry in sys.path:
+        if not isinstance(entry, str):
+            continue
+        path = os.path.abspath(entry or cwd)
+        if any(path == root or path.startswith(root + os.sep) for root in roots):
+            installation += 1
+            continue
+        label = f"{path} (the current directory)" if path == cwd else path
+        if label not in shown:
+            shown.append(label)
+    if len(shown) > limit:
+        shown[limit:] = [f"{len(shown) - limit} more"]
+    if installation:
+        shown.append(f"{installation} entries of the Python installation in {sys.prefix}")
+    return "; ".join(shown) or "empty"
 
 
 _NO_REPLY = object()
@@ -71,6 +134,13 @@ class Dispatcher:
             ``limits.max_queued_events``).
         close_grace: how long a closing connection waits for its cancelled work
             and generators to finish, in seconds.
+        create_timeout: how long creating an instance may take, in seconds:
+            importing its module (or the client's main script) and running its
+            constructor; past it the creation fails with ``TimeoutError`` (a
+            stuck import or constructor is left behind in its thread). Also
+            bounds ``import_module`` and ``register_class``. None: no bound.
+        import_hint: what an error about an allowed module that cannot be
+            imported tells the client to do (how this server finds modules).
     """
 
     # Server operations: name -> (handler name, runs as a task, is a stream).
@@ -95,14 +165,24 @@ class Dispatcher:
         limits: Limits | None = None,
         max_queued_events: int | None = None,
         close_grace: float = 5.0,
+        create_timeout: float | None = DEFAULT_CREATE_TIMEOUT,
+        import_hint: str = DAEMON_IMPORT_HINT,
     ) -> None:
         if isinstance(allow_modules, str):
             raise TypeError("allow_modules must be a sequence of patterns, not one string")
+        if create_timeout is not None and not create_timeout > 0:
+            raise ValueError(f"create_timeout must be positive or None, not {create_timeout!r}")
         self.allow_modules = tuple(allow_modules)
         self.allow_import_from_main = allow_import_from_main
+        self.create_timeout = create_timeout
+        self.import_hint = import_hint
         self.limits = limits or Limits()
         self.close_grace = close_grace
         self.registry = InstanceRegistry()
+        # Enum members arrive only for classes of modules this server may import.
+        self.registry.module_allowed = functools.partial(
+            module_allowed, patterns=self.allow_modules
+        )
         self.events = EventHub(
             self.limits.max_queued_events if max_queued_events is None else max_queued_events
         )
@@ -112,7 +192,10 @@ class Dispatcher:
         self._connections: set[Connection] = set()
         self._methods: dict[tuple[type, str], RemoteMethod] = {}
         self._main_modules: dict[str, ModuleType] = {}
-        self._import_lock: anyio.Lock | None = None
+        # Imports under way or finished and not yet collected, by ("module",
+        # name) or ("main", path): every request that needs one waits for the
+        # same import, which may outlive them (see ``_Loading``).
+        self._loading: dict[tuple[str, str], _Loading] = {}
         self._closed = False
 
     # -- public -----------------------------------------------------------------
@@ -280,20 +363,64 @@ class Dispatcher:
     def _check_module(self, module: Any) -> str:
         if not isinstance(module, str) or not _valid_module_name(module):
             raise NotAllowedError(f"{module!r} is not a module name")
-        if not any(fnmatch.fnmatchcase(module, pattern) for pattern in self.allow_modules):
+        if not module_allowed(module, self.allow_modules):
+            top = module.split(".", 1)[0]
             raise NotAllowedError(
                 f"module {module!r} is not on this server's allow-list "
-                "(start it with --allow-module PATTERN)"
+                f"(start it with --allow-module {module}, or --allow-module '{top}.*' for "
+                f"the package {top} and everything in it)"
             )
         return module
+
+    @contextmanager
+    def _bounded(self, what: Callable[[], str]) -> Iterator[None]:
+        """Fail with ``TimeoutError`` if the block takes longer than
+        ``create_timeout``; ``what()`` says what was still going on."""
+        timeout = math.inf if self.create_timeout is None else self.create_timeout
+        with anyio.move_on_after(timeout) as scope:
+            yield
+        if scope.cancelled_caught:
+            raise TimeoutError(
+                f"{what()} did not finish within {timeout:g} s (the server's --create-timeout)"
+            )
 
     async def _import(self, module: str) -> ModuleType:
         """Import an allowed module (``_check_module`` first), off the loop."""
         loaded = sys.modules.get(module)
-        if loaded is None:
-            loaded = await anyio.to_thread.run_sync(importlib.import_module, module)
-            self.registry.learn_default_coders()
-        return loaded
+        if (
+            loaded is not None
+            and not _initializing(loaded)
+            and ("module", module) not in self._loading
+        ):
+            return loaded
+        try:
+            return await self._load(("module", module), importlib.import_module, module)
+        except ModuleNotFoundError as exc:
+            missing = exc.name or ""
+            if missing and (module == missing or module.startswith(missing + ".")):
+                raise ModuleNotFoundError(
+                    f"the server cannot import module {module!r}, which its allow-list "
+                    f"allows: {exc}. It looks for modules on its sys.path: "
+                    f"{describe_sys_path()}. To serve it, {self.import_hint}",
+                    name=missing,
+                ) from None
+            raise
+
+    async def _load(
+        self, key: tuple[str, str], load: Callable[[str], ModuleType], target: str
+    ) -> ModuleType:
+        """``load(target)`` in a thread of its own, once for every request that
+        waits for it at the same time; a failed import is tried again by the
+        next request."""
+        loading = self._loading.get(key)
+        if loading is None:
+            loading = self._loading[key] = _Loading(load, target)
+        await loading.wait()
+        if self._loading.get(key) is loading:
+            del self._loading[key]
+        module = loading.result()
+        self.registry.learn_default_coders()
+        return module
 
     async def _import_main(self, main_path: Any) -> ModuleType:
         if not self.allow_import_from_main:
@@ -306,18 +433,9 @@ class Dispatcher:
                 "the class is defined in an interactive __main__ (no file): move it to a module"
             )
         module = self._main_modules.get(main_path)
-        if module is not None:
-            return module
-        if self._import_lock is None:
-            self._import_lock = anyio.Lock()
-        async with self._import_lock:
-            module = self._main_modules.get(main_path)
-            if module is None:
-                digest = hashlib.sha1(main_path.encode(), usedforsecurity=False).hexdigest()[:12]
-                name = f"__remote_exec_main_{digest}__"
-                module = await anyio.to_thread.run_sync(_load_main, main_path, name)
-                self._main_modules[main_path] = module
-                self.registry.learn_default_coders()
+        if module is None:
+            module = await self._load(("main", main_path), _load_main, main_path)
+            self._main_modules[main_path] = module
         return module
 
     async def _resolve_class(self, module: Any, qualname: Any, main_path: Any) -> type:
@@ -399,7 +517,33 @@ class Dispatcher:
             or not isinstance(config, dict)
         ):
             raise TypeError("create_instance takes args as a list, kwargs and config as maps")
-        cls = await self._resolve_class(module, qualname, main_path)
+        if module == "__main__":
+            stage = f"importing the client's main script {main_path}"
+        else:
+            stage = f"importing module {module!r}"
+
+        def what() -> str:
+            return f"creating {name!r} ({module}.{qualname}): {stage}"
+
+        with self._bounded(what):
+            cls = await self._resolve_class(module, qualname, main_path)
+            stage = "its constructor (or __enter__)"
+            return await self._create_instance(
+                conn, cls, module, qualname, name, args, kwargs, config, exist_ok
+            )
+
+    async def _create_instance(
+        self,
+        conn: Connection,
+        cls: type,
+        module: str,
+        qualname: str,
+        name: str,
+        args: list[Any],
+        kwargs: dict[str, Any],
+        config: dict[str, Any],
+        exist_ok: Any,
+    ) -> bool:
         allowed = set(getattr(cls, "_config_props_", ()))
         for prop in config:
             if prop not in allowed or not isinstance(prop, str) or prop.startswith("__"):
@@ -447,7 +591,9 @@ class Dispatcher:
         return await sleep_until(duration, deadline)
 
     async def _op_import_module(self, conn: Connection, call: OpCall, module: Any) -> None:
-        await self._import(self._check_module(module))
+        name = self._check_module(module)
+        with self._bounded(lambda: f"importing module {name!r}"):
+            await self._import(name)
 
     async def _op_register_class(
         self, conn: Connection, call: OpCall, module: Any, qualname: Any
@@ -456,7 +602,9 @@ class Dispatcher:
             raise NotAllowedError(
                 "register a class of the client's __main__ by creating an instance"
             )
-        self.registry.register_class(await self._resolve_class(module, qualname, None))
+        with self._bounded(lambda: f"registering {module}.{qualname}: importing {module!r}"):
+            cls = await self._resolve_class(module, qualname, None)
+        self.registry.register_class(cls)
 
     async def _op_subscribe(
         self, conn: Connection, call: OpCall, name: Any, channel: Any
@@ -484,16 +632,113 @@ def _construct(cls: type, args: list[Any], kwargs: dict[str, Any], config: dict[
     return obj
 
 
-def _load_main(path: str, name: str) -> ModuleType:
-    """Import a client's main script under a private name (its ``__main__`` guard stays shut)."""
+class _Loading:
+    """One import, run in a thread of its own so that a request can stop
+    waiting for it (its creation timeout) while it goes on: an import cannot be
+    interrupted. Requests that need it meanwhile wait for the same import
+    instead of starting another."""
+
+    def __init__(self, load: Callable[[str], ModuleType], target: str) -> None:
+        self._finished = threading.Event()
+        self._module: ModuleType | None = None
+        self._error: BaseException | None = None
+        threading.Thread(
+            target=self._run, args=(load, target), name=f"remote-exec import {target}", daemon=True
+        ).start()
+
+    def _run(self, load: Callable[[str], ModuleType], target: str) -> None:
+        try:
+            self._module = load(target)
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiter
+            if not isinstance(exc, Exception):  # SystemExit, KeyboardInterrupt: not ours to raise
+                error = ImportError(f"importing {target} raised {type(exc).__name__}: {exc}")
+                error.__cause__ = exc
+                exc = error
+            self._error = exc
+        finally:
+            self._finished.set()
+
+    async def wait(self) -> None:
+        """Until the import finished, or the caller's deadline passes (then the
+        thread that waits here returns by itself at that deadline too)."""
+        while not self._finished.is_set():
+            deadline = anyio.current_effective_deadline()
+            timeout = None if math.isinf(deadline) else max(deadline - anyio.current_time(), 0.0)
+            await anyio.to_thread.run_sync(self._finished.wait, timeout, abandon_on_cancel=True)
+
+    def result(self) -> ModuleType:
+        if self._error is not None:
+            raise self._error
+        assert self._module is not None
+        return self._module
+
+
+def _initializing(module: ModuleType) -> bool:
+    """Whether ``module`` is still being imported (it is in ``sys.modules`` already)."""
+    return bool(getattr(getattr(module, "__spec__", None), "_initializing", False))
+
+
+# What runs an event loop, by (module, qualified name): a client's main script
+# must not call it while it is imported on the remote side (see ``_load_main``).
+_LOOP_RUNNERS = {
+    ("anyio._core._eventloop", "run"): "anyio.run()",
+    ("trio._core._run", "run"): "trio.run()",
+    ("asyncio.runners", "run"): "asyncio.run()",
+    ("asyncio.runners", "Runner.run"): "asyncio.Runner.run()",
+    ("asyncio.base_events", "BaseEventLoop.run_until_complete"): "loop.run_until_complete()",
+    ("asyncio.base_events", "BaseEventLoop.run_forever"): "loop.run_forever()",
+}
+_LOOP_RUNNER_NAMES = frozenset(qualname.rsplit(".", 1)[-1] for _, qualname in _LOOP_RUNNERS)
+
+
+def _trap_loop_runners(marker: ClientMainImport) -> Callable[[Any, str, Any], None]:
+    """A profile function (this thread's only) that stops the script before
+    one of ``_LOOP_RUNNERS`` runs, so none of the client's program runs here."""
+
+    def profile(frame: Any, event: str, arg: Any) -> None:
+        code = frame.f_code
+        if event != "call" or code.co_name not in _LOOP_RUNNER_NAMES:
+            return
+        what = _LOOP_RUNNERS.get((frame.f_globals.get("__name__"), code.co_qualname))
+        if what is not None:
+            marker.trapped = f"calls {what}{script_location(marker.path, frame.f_back)}"
+            for value in frame.f_locals.values():  # the arguments: asyncio.run(main())'s
+                if inspect.iscoroutine(value):  # coroutine would warn it was never awaited
+                    value.close()
+            # Raised in the called function before its first line (and this
+            # profile function is removed: Python does that when it raises).
+            raise ExecutorStateError(marker.message())
+
+    return profile
+
+
+def _load_main(path: str) -> ModuleType:
+    """Import a client's main script under a private name (its ``__main__`` guard stays shut).
+
+    Its top-level code must not start the client's program here: an event loop
+    it runs (``anyio.run(main)`` outside ``if __name__ == "__main__":``) is
+    stopped before it starts, an executor it starts raises, and either way the
+    import fails with an ``ImportError`` that says how to guard the script.
+    """
+    digest = hashlib.sha1(path.encode(), usedforsecurity=False).hexdigest()[:12]
+    name = f"__remote_exec_main_{digest}__"
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
         raise ImportError(f"cannot import the client's main file {path!r}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
-    try:
-        spec.loader.exec_module(module)
-    except BaseException:
-        del sys.modules[name]
-        raise
+    with importing_client_main(path) as marker:
+        trap = sys.getprofile() is None  # a profiler in this thread is left alone
+        if trap:
+            sys.setprofile(_trap_loop_runners(marker))
+        try:
+            spec.loader.exec_module(module)
+        except BaseException:
+            del sys.modules[name]
+            if marker.trapped is not None:
+                raise ImportError(marker.message(), name=name, path=path) from None
+            raise
+        finally:
+            if trap:
+                sys.setprofile(None)
     return module

@@ -39,6 +39,8 @@ def make_executor(executor_kind: str, anyio_backend: str, daemons: dict[str, Dae
 
     def make(**options: object) -> Executor:
         if executor_kind == "thread":
+            # check_codec: what could not travel to the remote executors fails here too
+            options.setdefault("check_codec", True)
             return ThreadExecutor(**options)  # type: ignore[arg-type]
         if executor_kind == "process":
             return ProcessExecutor(**options)  # type: ignore[arg-type]

@@ -8,6 +8,7 @@ instance's ``tag`` so that tests never see each other's state.
 
 from __future__ import annotations
 
+import enum
 import threading
 import time
 from collections import defaultdict
@@ -224,3 +225,88 @@ class Acquisition:
         for i in range(n):
             await anyio.lowlevel.checkpoint()
             yield f"{prefix}{i}"
+
+
+class Streamer:
+    """Generators whose ``finally`` is observable as attributes, for
+    test_unclosed_streams.py: a dropped stream must get its generator closed."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+        self.opened = 0  # generators started
+        self.closed = 0  # ... whose ``finally`` ran
+
+    @apply_executor
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @apply_generator_executor
+    def numbers(self, n: int) -> Iterator[int]:
+        self.opened += 1
+        try:
+            yield from range(n)
+        finally:
+            self.closed += 1
+
+    @apply_generator_executor
+    async def anumbers(self, n: int) -> AsyncIterator[int]:
+        self.opened += 1
+        try:
+            for i in range(n):
+                await anyio.lowlevel.checkpoint()
+                yield i
+        finally:
+            self.closed += 1
+
+
+class Shade(enum.Enum):
+    """An enum of the devices' module: every side holding a device may decode it."""
+
+    LIGHT = "light"
+    DARK = "dark"
+
+
+class Access(enum.Flag):
+    READ = 1
+    WRITE = 2
+
+
+def describe(value: Any) -> str:
+    """The type ``value`` has where this runs (with a numpy scalar's dtype)."""
+    kind = type(value)
+    dtype = getattr(value, "dtype", None)
+    suffix = "" if dtype is None else f"[{dtype.str}]"
+    return f"{kind.__module__}.{kind.__qualname__}{suffix}"
+
+
+class DataDevice:
+    """Data round trips for test_data.py: what arrives, as what type, and back."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+
+    @apply_executor
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @apply_executor
+    def describe(self, value: Any) -> str:
+        return describe(value)
+
+    @apply_generator_executor
+    def replay(self, values: list[Any]) -> Iterator[Any]:
+        yield from values
+
+    @apply_executor
+    def unsendable(self) -> Any:
+        """A result no remote executor can send back (check_codec tests)."""
+        return object()
+
+    @apply_generator_executor
+    def unsendable_after(self, key: str, n: int) -> Iterator[Any]:
+        """``n`` items, then one that cannot travel; records that it was closed."""
+        try:
+            yield from range(n)
+            yield object()
+        finally:
+            LOG[key].append("closed")

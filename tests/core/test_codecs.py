@@ -302,9 +302,10 @@ class Mode(enum.StrEnum):
 
 @pytest.mark.parametrize("name", CODECS)
 def test_scalar_subclasses_arrive_as_their_base(name: str) -> None:
-    result, _ = roundtrip(codec_named(name), [Color.RED, Mode.FAST, np.float64(2.5)])
-    assert result == [3, "fast", 2.5]
-    assert [type(x) for x in result] == [int, str, float]
+    # numpy scalars keep their dtype instead: tests/core/test_coders.py
+    result, _ = roundtrip(codec_named(name), [Color.RED, Mode.FAST])
+    assert result == [3, "fast"]
+    assert [type(x) for x in result] == [int, str]
 
 
 @pytest.mark.parametrize("name", CODECS)
@@ -494,9 +495,6 @@ class Unregistered:
     [
         object(),
         Unregistered(),
-        {1, 2},
-        frozenset(),
-        1 + 2j,
         msgpack.ExtType(1, b""),  # user data can never forge a tag
         [Device("unheld")],
         {(1, 2): "tuple key"},

@@ -883,3 +883,13 @@ async def test_aclose_fails_in_flight_calls_and_ends_connections() -> None:
     rpc = RpcConnection(Side.CLIENT)
     rpc.receive_frame(await client_end.receive_frame())
     assert isinstance(rpc.events_received()[0], Close)
+
+
+def test_the_registry_decodes_enums_only_from_allowed_modules() -> None:
+    dispatcher = Dispatcher(allow_modules=["tests.*"])
+    allowed = dispatcher.registry.module_allowed
+    assert allowed is not None
+    assert allowed("tests")
+    assert allowed("tests.instruments")
+    assert not allowed("testsuite")
+    assert not allowed("os")
