@@ -479,6 +479,17 @@ async def connect_websocket(
                     )
                 else:
                     stream = await connect_tcp(uri.host, uri.port)
+            except ssl_module.SSLError as exc:
+                hint = ""
+                if exc.reason == "WRONG_VERSION_NUMBER":  # the answer was not TLS
+                    plain = url.replace("wss://", "ws://", 1)
+                    hint = (
+                        ": the server did not answer with TLS; if the daemon serves plain "
+                        f"websockets (started without --certfile), connect to {plain}"
+                    )
+                raise RemoteExecConnectionError(
+                    f"TLS handshake with {url} failed ({exc.reason or exc}){hint}"
+                ) from exc
             except OSError as exc:
                 raise RemoteExecConnectionError(f"could not connect to {url}: {exc}") from exc
             except (anyio.BrokenResourceError, anyio.EndOfStream) as exc:  # TLS handshake

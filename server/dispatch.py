@@ -430,7 +430,9 @@ class Dispatcher:
             )
         if not isinstance(main_path, str) or not main_path:
             raise NotAllowedError(
-                "the class is defined in an interactive __main__ (no file): move it to a module"
+                "the class is defined in an interactive __main__ (a notebook, `python -c` or "
+                "stdin: no file to import on the remote side): move it to a module next to "
+                "your script or notebook and import it from there"
             )
         module = self._main_modules.get(main_path)
         if module is None:

@@ -67,6 +67,20 @@ async def test_connect_to_nothing_is_a_clear_error() -> None:
 
 
 @pytest.mark.anyio
+async def test_wss_to_a_plain_daemon_says_to_use_ws(daemon: DaemonProcess) -> None:
+    url = daemon.url.replace("ws://", "wss://", 1)
+    plain = daemon.url
+    with anyio.fail_after(10):
+        with pytest.raises(RemoteExecConnectionError) as caught:
+            async with WebSocketExecutor(url, token=TOKEN):
+                pass
+    message = str(caught.value)
+    assert "TLS handshake" in message
+    assert "did not answer with TLS" in message
+    assert f"connect to {plain}" in message
+
+
+@pytest.mark.anyio
 async def test_connect_timeout_when_nothing_answers() -> None:
     # A listening socket nobody accepts from: TCP connects, the handshake never ends.
     with socket.socket() as sock:

@@ -197,6 +197,32 @@ def test_readme_example_with_a_process_executor(
     assert bad.stdout == ""
 
 
+@pytest.mark.parametrize("backend", ["asyncio", "trio"])
+def test_a_class_of_an_interactive_main_gets_one_clear_error(
+    backend: str, tmp_path: Path, env: dict[str, str]
+) -> None:
+    # A notebook's, `python -c`'s or stdin's __main__ has no file to import.
+    source = camera_example().replace("ThreadExecutor", "ProcessExecutor")
+    source = source.replace(
+        "    anyio.run(main)  #", f"    anyio.run(main, backend={backend!r})  #"
+    )
+    result = subprocess.run(
+        [sys.executable, "-"],
+        input=source,
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 1
+    assert "NotAllowedError" in result.stderr
+    assert "interactive __main__" in result.stderr
+    assert "move it to a module" in result.stderr
+    assert result.stdout == ""
+
+
 def test_readme_blocking_example_with_a_process_executor(
     tmp_path: Path, env: dict[str, str]
 ) -> None:
