@@ -8,7 +8,6 @@ many calls and streams at once. Subclasses only say how to connect.
 from __future__ import annotations
 
 import logging
-import os
 import sys
 import time
 from abc import abstractmethod
@@ -493,8 +492,8 @@ class RemoteExecutor(Executor):
         main_path = None
         if module == "__main__":
             main_path = getattr(sys.modules["__main__"], "__file__", None)
-            if main_path is not None and not os.path.isfile(main_path):
-                main_path = None  # stdin ("<stdin>"): no file to import either
+            if main_path is not None and main_path.startswith("<"):
+                main_path = None  # "<stdin>", "<string>": no file to import either
         created: bool = await self._request(
             "",
             "create_instance",
