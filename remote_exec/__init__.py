@@ -11,8 +11,8 @@ run on (instance workers, sockets, transports, tokens, events) in
 The public names are re-exported here lazily: ``import remote_exec.protocol``
 stays light, and the first use of, say, ``remote_exec.ThreadExecutor`` imports
 its home module. The top level exports exactly the ``__all__`` of
-``remote_exec.exceptions``, ``remote_exec.executor``, ``remote_exec.registry``
-and ``remote_exec.client``.
+``remote_exec.exceptions``, ``remote_exec.executor``, ``remote_exec.invocations``,
+``remote_exec.registry`` and ``remote_exec.client``.
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ if TYPE_CHECKING:
         DuplicateInstanceError as DuplicateInstanceError,
         ExecutorStateError as ExecutorStateError,
         FrameError as FrameError,
+        InvocationCancelled as InvocationCancelled,
         NotAllowedError as NotAllowedError,
         ProtocolError as ProtocolError,
         RegistryError as RegistryError,
@@ -55,6 +56,11 @@ if TYPE_CHECKING:
         RemoteStream as RemoteStream,
         current_executor as current_executor,
     )
+    from .invocations import (
+        cancellable_sleep as cancellable_sleep,
+        check_cancelled as check_cancelled,
+        current_invocation_id as current_invocation_id,
+    )
     from .registry import InstanceRegistry as InstanceRegistry, register_coder as register_coder
 
 # Each public name and the module it lives in (imported on first use).
@@ -73,6 +79,7 @@ _HOMES: dict[str, str] = {
     "DuplicateInstanceError": "remote_exec.exceptions",
     "ExecutorStateError": "remote_exec.exceptions",
     "FrameError": "remote_exec.exceptions",
+    "InvocationCancelled": "remote_exec.exceptions",
     "NotAllowedError": "remote_exec.exceptions",
     "ProtocolError": "remote_exec.exceptions",
     "RegistryError": "remote_exec.exceptions",
@@ -90,6 +97,10 @@ _HOMES: dict[str, str] = {
     "ExecutorContext": "remote_exec.executor",
     "RemoteStream": "remote_exec.executor",
     "current_executor": "remote_exec.executor",
+    # remote_exec.invocations
+    "cancellable_sleep": "remote_exec.invocations",
+    "check_cancelled": "remote_exec.invocations",
+    "current_invocation_id": "remote_exec.invocations",
     # remote_exec.registry
     "InstanceRegistry": "remote_exec.registry",
     "register_coder": "remote_exec.registry",
@@ -107,6 +118,7 @@ __all__ = [
     "ExecutorStateError",
     "FrameError",
     "InstanceRegistry",
+    "InvocationCancelled",
     "NotAllowedError",
     "ProcessExecutor",
     "ProtocolError",
@@ -124,7 +136,10 @@ __all__ = [
     "WebSocketExecutor",
     "apply_executor",
     "apply_generator_executor",
+    "cancellable_sleep",
+    "check_cancelled",
     "current_executor",
+    "current_invocation_id",
     "register_coder",
 ]
 

@@ -17,6 +17,7 @@
     │   └── NotAllowedError (also PermissionError)  off the allow-list, private name
     ├── TooManyCallsError                        per-connection in-flight cap reached
     ├── CallCancelledError                       the reply to a call its client cancelled
+    ├── InvocationCancelled                      a running method was asked to stop
     ├── SubscriberOverflowError                  an event subscriber fell behind
     └── RemoteException                          raised by the remote code itself
 
@@ -31,10 +32,13 @@ Every class here is also exported by the top-level ``remote_exec`` package.
 from __future__ import annotations
 
 import builtins
+import re
+import traceback
 from typing import Any
 
 __all__ = [
     "CallCancelledError",
+    "InvocationCancelled",
     "CodecError",
     "ConnectionLostError",
     "DuplicateInstanceError",
@@ -118,6 +122,15 @@ class CallCancelledError(RemoteExecError):
     """The client cancelled the call before it finished (the reply frees its id)."""
 
 
+class InvocationCancelled(RemoteExecError):
+    """The invocation was asked to stop (``check_cancelled`` and
+    ``cancellable_sleep`` raise it in the method's code).
+
+    An ``Exception``, not a ``BaseException``: a method's cleanup code may
+    catch it like any other error.
+    """
+
+
 class SubscriberOverflowError(RemoteExecError):
     """An event subscriber fell too far behind and was dropped."""
 
@@ -150,6 +163,7 @@ _OWN_ERRORS: dict[str, type[RemoteExecError]] = {
         NotAllowedError,
         TooManyCallsError,
         CallCancelledError,
+        InvocationCancelled,
         SubscriberOverflowError,
         CodecError,
         ProtocolError,
@@ -211,3 +225,62 @@ def exception_type_name(exc: BaseException) -> str:
     if module.startswith("remote_exec"):
         return f"remote_exec.{cls.__qualname__}"
     return f"{module}.{cls.__qualname__}"
+
+
+# A frame's "File" line, also inside an exception group's "|" margin.
+_FILE_LINE = re.compile(r'^([ |]*File ")(.*)(", line \d+)', re.MULTILINE)
+_SEPARATORS = re.compile(r"[\\/]")
+
+
+def client_traceback(exc: BaseException) -> str:
+    """``exc``'s traceback as a server sends it to its client.
+
+    Every frame, line number, function and source line is kept, but no file
+    is named by its path on the server, which would tell every client the
+    server's install layout and user names: a module's file is named from
+    its package down (``mylab/stage.py``, ``anyio/_core/_tasks.py``), any
+    other file by its base name (``script.py``); ``<string>``-like names stay.
+    The server logs the full traceback.
+    """
+    modules = _frame_modules(exc)
+    text = "".join(traceback.format_exception(exc))
+    return _FILE_LINE.sub(
+        lambda match: match[1] + _client_file_name(match[2], modules.get(match[2])) + match[3],
+        text,
+    )
+
+
+def _frame_modules(exc: BaseException) -> dict[str, str]:
+    """The module (``__name__``) each file of ``exc``'s tracebacks belongs to,
+    over its whole chain (causes, contexts and groups)."""
+    modules: dict[str, str] = {}
+    seen: set[int] = set()
+    pending: list[BaseException | None] = [exc]
+    while pending:
+        error = pending.pop()
+        if error is None or id(error) in seen:
+            continue
+        seen.add(id(error))
+        for frame, _ in traceback.walk_tb(error.__traceback__):
+            name = frame.f_globals.get("__name__")
+            if isinstance(name, str):
+                modules.setdefault(frame.f_code.co_filename, name)
+        pending += (error.__cause__, error.__context__)
+        if isinstance(error, BaseExceptionGroup):
+            pending += error.exceptions
+    return modules
+
+
+def _client_file_name(filename: str, module: str | None) -> str:
+    """``filename`` without the directories above its module's top package."""
+    if filename.startswith("<") and filename.endswith(">"):
+        return filename  # <string>, <frozen importlib._bootstrap>: no path
+    base = _SEPARATORS.split(filename)[-1] or "<unknown>"
+    if module and all(part.isidentifier() for part in module.split(".")):
+        parts = module.split(".")
+        stem = base.split(".", 1)[0]
+        if stem == "__init__":  # a package
+            return "/".join([*parts, base])
+        if stem == parts[-1]:
+            return "/".join([*parts[:-1], base])
+    return base

@@ -28,10 +28,12 @@ import anyio.lowlevel
 from remote_exec.exceptions import (
     CallCancelledError,
     ExecutorStateError,
+    InvocationCancelled,
     RemoteExecError,
     UnknownInstanceError,
 )
 from remote_exec.executor import RemoteMethod
+from remote_exec.invocations import InvocationScope, current, new_invocation_id
 
 from .instances import Entry, Instance
 from .worker import Job
@@ -120,7 +122,7 @@ _STREAM_MOVES = {
 class RuntimeCall:
     """A call in flight for a peer (tracked until its work is over)."""
 
-    __slots__ = ("peer", "sid", "state")
+    __slots__ = ("invocation", "peer", "sid", "state")
 
     moves: dict[CallState, frozenset[CallState]] = _CALL_MOVES
     instance: Instance  # a slot of each kind
@@ -129,6 +131,8 @@ class RuntimeCall:
         self.peer = peer
         self.sid = sid
         self.state = state
+        # Its id, and the stop request the method's own code can check.
+        self.invocation = InvocationScope(new_invocation_id())
 
     def _move(self, new: CallState) -> None:
         if new not in self.moves[self.state]:
@@ -205,9 +209,22 @@ class SyncCall(RuntimeCall, Entry):
         return True
 
     def _run(self) -> Any:  # in the worker thread
-        if self.method is None:
-            return self.fn()
-        return self.fn(self.instance.obj, *self.args, **self.kwargs)
+        if self.is_async:  # the worker awaits it: the invocation is set inside
+            return self._arun()
+        token = current.set(self.invocation)
+        try:
+            if self.method is None:
+                return self.fn()
+            return self.fn(self.instance.obj, *self.args, **self.kwargs)
+        finally:
+            current.reset(token)
+
+    async def _arun(self) -> Any:  # in the worker thread's own loop
+        token = current.set(self.invocation)
+        try:
+            return await self.fn(self.instance.obj, *self.args, **self.kwargs)
+        finally:
+            current.reset(token)
 
     def _on_done(self, job: Job) -> None:  # on the server loop, in completion order
         self._move(DONE)
@@ -247,13 +264,11 @@ class SyncCall(RuntimeCall, Entry):
             self._move(DONE)
             self.peer.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
             self.peer.forget(self)
-        elif (
-            self.state == RUNNING
-            and self.job is not None
-            and (self.is_async or self.job.state == "queued")
-        ):
-            self.cancelled = True
-            self.job.cancel()  # its on_done answers it
+        elif self.state == RUNNING and self.job is not None:
+            self.invocation.cancel()  # a sync method stops at its next check_cancelled()
+            if self.is_async or self.job.state == "queued":
+                self.cancelled = True
+                self.job.cancel()  # its on_done answers it
 
     def abandon(self) -> bool:
         self.on_cancel()  # nothing is sent: the connection is going away
@@ -344,6 +359,7 @@ class AsyncCall(RuntimeCall, Entry):
                 return
             with anyio.CancelScope() as scope:
                 self.scope = scope
+                token = current.set(self.invocation)
                 try:
                     value = await self.fn(self.instance.obj, *self.args, **self.kwargs)
                 except anyio.get_cancelled_exc_class():
@@ -351,6 +367,8 @@ class AsyncCall(RuntimeCall, Entry):
                 except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
                     peer.fail(self.sid, exc)
                     return
+                finally:
+                    current.reset(token)
             self.scope = None
             if scope.cancelled_caught:
                 peer.fail(self.sid, CallCancelledError("the call was cancelled while it ran"))
@@ -378,6 +396,7 @@ class AsyncCall(RuntimeCall, Entry):
                 self.peer.forget(self)
             return
         self.cancelled = True
+        self.invocation.cancel()
         if self.scope is not None:
             self.scope.cancel()
 
@@ -489,7 +508,9 @@ class StreamCall(RuntimeCall, Entry):
         self.stop = True
         if self.state == RUNNING:
             # An async step's generator sees the cancellation where it awaits;
-            # a sync step checks ``stop`` after each item.
+            # a sync step checks ``stop`` after each item (and its generator's
+            # code may check_cancelled() within one).
+            self.invocation.cancel()
             if self.scope is not None:
                 self.scope.cancel()
             elif self.is_async and self.job is not None:
@@ -612,6 +633,13 @@ class StreamCall(RuntimeCall, Entry):
                 self.stop = True
 
     def _step_in_thread(self, count: int) -> None:
+        token = current.set(self.invocation)
+        try:
+            self._sync_step(count)
+        finally:
+            current.reset(token)
+
+    def _sync_step(self, count: int) -> None:
         gen = self.gen
         if not self.stop:
             if gen is None:
@@ -635,6 +663,13 @@ class StreamCall(RuntimeCall, Entry):
 
     async def _astep_in_thread(self, count: int) -> None:
         """``_step_in_thread`` for an async generator, in the worker's own loop."""
+        token = current.set(self.invocation)
+        try:
+            await self._async_step(count)
+        finally:
+            current.reset(token)
+
+    async def _async_step(self, count: int) -> None:
         gen = self.gen
         if not self.stop:
             if gen is None:
@@ -665,6 +700,10 @@ class StreamCall(RuntimeCall, Entry):
             else:
                 try:
                     job.result()
+                except InvocationCancelled:
+                    self.gen_closed = True  # stopped as asked: not an error
+                    if not self.stop:
+                        self.error = self.error or self.invocation.error()
                 except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the consumer's
                     self.gen_closed = True
                     if self.error is None:
@@ -692,7 +731,14 @@ class StreamCall(RuntimeCall, Entry):
             instance.finish(self)
 
     async def run(self) -> None:
-        """One async step, in the connection's runner for the instance."""
+        """One async step, in the peer's runner for the instance."""
+        token = current.set(self.invocation)
+        try:
+            await self._runner_step()
+        finally:
+            current.reset(token)
+
+    async def _runner_step(self) -> None:
         peer = self.peer
         try:
             count = peer.credit(self.sid) if peer.alive else 0

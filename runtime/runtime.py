@@ -212,6 +212,9 @@ class InstanceRuntime:
             async with anyio.create_task_group() as tg:
                 for instance in instances:
                     instance.deleted = True
+                    for entry in list(instance.queue)[: instance.active]:
+                        if isinstance(entry, RuntimeCall):  # running: ask it to stop
+                            entry.invocation.cancel()
                     if self.registry.name_of(instance.obj) == instance.name:
                         self.registry.remove_instance(instance.name)
                     tg.start_soon(self._tear_down, instance, lambda: ExecutorStateError(reason))

@@ -16,6 +16,7 @@ import remote_exec
 # The submodules whose ``__all__`` the top level re-exports, all of it.
 SOURCES = (
     "remote_exec.exceptions",
+    "remote_exec.invocations",
     "remote_exec.executor",
     "remote_exec.registry",
     "remote_exec.client",

@@ -310,3 +310,67 @@ class DataDevice:
             yield object()
         finally:
             LOG[key].append("closed")
+
+
+class Spinner:
+    """Long sync work that stops when asked (cooperative cancellation)."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+        self.events: list[str] = []
+
+    @apply_executor
+    def spin(self, steps: int) -> int:
+        """``steps`` waits of 20 ms (an instrument settling), stoppable in each."""
+        from remote_exec import InvocationCancelled, cancellable_sleep
+
+        self.events.append("started")
+        try:
+            for _ in range(steps):
+                cancellable_sleep(0.02)
+        except InvocationCancelled:
+            self.events.append("cancelled")
+            raise
+        self.events.append("finished")
+        return steps
+
+    @apply_executor
+    def grind(self, steps: int) -> int:
+        """``steps`` busy steps of 5 ms, checking between them."""
+        from remote_exec import InvocationCancelled, check_cancelled
+
+        self.events.append("started")
+        try:
+            for _ in range(steps):
+                check_cancelled()
+                time.sleep(0.005)  # a step of work that cannot be interrupted
+        except InvocationCancelled:
+            self.events.append("cancelled")
+            raise
+        self.events.append("finished")
+        return steps
+
+    @apply_executor
+    def echo(self, value: Any) -> Any:
+        return value
+
+    @apply_executor
+    def invocation_id(self) -> str | None:
+        from remote_exec import current_invocation_id
+
+        return current_invocation_id()
+
+    @apply_executor
+    async def async_invocation_id(self) -> str | None:
+        from remote_exec import check_cancelled, current_invocation_id
+
+        await anyio.lowlevel.checkpoint()
+        check_cancelled()  # not asked to stop: nothing happens
+        return current_invocation_id()
+
+    @apply_generator_executor
+    def ids(self, n: int) -> Iterator[str | None]:
+        from remote_exec import current_invocation_id
+
+        for _ in range(n):
+            yield current_invocation_id()
