@@ -36,6 +36,7 @@ from anyio.from_thread import start_blocking_portal
 
 from remote_exec.exceptions import ExecutorStateError
 from remote_exec.executor import Executor, ExecutorContext, RemoteMethod, RemoteStream
+from remote_exec.invocations import InvocationInfo, InvocationStatus
 from remote_exec.runtime.backend import BACKENDS, threadsafe_call_soon
 
 if TYPE_CHECKING:
@@ -415,6 +416,29 @@ class BlockingExecutor:
     def get_remote_objects(self) -> list[str]:
         """The names of every instance the remote side holds."""
         return self._call("get_remote_objects", self._executor.get_remote_objects)
+
+    def list_invocations(
+        self,
+        *,
+        instance: Any = None,
+        method: str | None = None,
+        status: str | InvocationStatus | None = None,
+    ) -> list[InvocationInfo]:
+        """Every invocation the remote side knows, oldest first, filtered."""
+        return self._call(
+            "list_invocations",
+            functools.partial(
+                self._executor.list_invocations, instance=instance, method=method, status=status
+            ),
+        )
+
+    def get_invocation(self, invocation_id: str) -> InvocationInfo:
+        """The invocation ``invocation_id`` (``LookupError`` if unknown or expired)."""
+        return self._call("get_invocation", self._executor.get_invocation, invocation_id)
+
+    def cancel_invocation(self, invocation_id: str) -> InvocationInfo:
+        """Ask ``invocation_id`` to stop; its info after the request."""
+        return self._call("cancel_invocation", self._executor.cancel_invocation, invocation_id)
 
     def execute(
         self,

@@ -37,6 +37,7 @@ from remote_exec.executor import (
     resolve_call,
 )
 from remote_exec.framing import pack_frames
+from remote_exec.invocations import InvocationInfo, InvocationStatus
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
@@ -536,6 +537,30 @@ class RemoteExecutor(Executor):
             "", "get_properties", [self.registry.require_name(obj), list(names)]
         )
         return data
+
+    async def list_invocations(
+        self,
+        *,
+        instance: Any = None,
+        method: str | None = None,
+        status: str | InvocationStatus | None = None,
+    ) -> list[InvocationInfo]:
+        self._check_usable()
+        wanted = None if status is None else InvocationStatus(status).value
+        found: list[Any] = await self._request(
+            "", "list_invocations", [self._instance_name(instance), method, wanted]
+        )
+        return [InvocationInfo.from_wire(info) for info in found]
+
+    async def get_invocation(self, invocation_id: str) -> InvocationInfo:
+        self._check_usable()
+        return InvocationInfo.from_wire(await self._request("", "get_invocation", [invocation_id]))
+
+    async def cancel_invocation(self, invocation_id: str) -> InvocationInfo:
+        self._check_usable()
+        return InvocationInfo.from_wire(
+            await self._request("", "cancel_invocation", [invocation_id])
+        )
 
     async def get_echo_clock(self) -> tuple[int, int, int]:
         self._check_usable()

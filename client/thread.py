@@ -39,6 +39,7 @@ from remote_exec.executor import (
     module_name,
     resolve_call,
 )
+from remote_exec.invocations import InvocationInfo, InvocationStatus
 from remote_exec.protocol import DEFAULT_WINDOW
 from remote_exec.registry import InstanceRegistry
 from remote_exec.runtime.backend import threadsafe_call_soon
@@ -342,6 +343,30 @@ class ThreadExecutor(Executor):
         peer.expect(sid, stream.inbox)
         stream.call = self._runtime.call(peer, sid, instance, marker, arguments, keywords)
         return stream
+
+    # -- invocations -------------------------------------------------------------
+    async def list_invocations(
+        self,
+        *,
+        instance: Any = None,
+        method: str | None = None,
+        status: str | InvocationStatus | None = None,
+    ) -> list[InvocationInfo]:
+        self.check_running()
+        await anyio.lowlevel.checkpoint()
+        return self._runtime.invocations.list(
+            instance=self._instance_name(instance), method=method, status=status
+        )
+
+    async def get_invocation(self, invocation_id: str) -> InvocationInfo:
+        self.check_running()
+        await anyio.lowlevel.checkpoint()
+        return self._runtime.invocations.get(invocation_id)
+
+    async def cancel_invocation(self, invocation_id: str) -> InvocationInfo:
+        self.check_running()
+        await anyio.lowlevel.checkpoint()
+        return self._runtime.invocations.cancel(invocation_id)
 
     # -- config and properties -------------------------------------------------
     async def get_remote_object_config(self, obj: Any | None) -> dict[str, Any]:

@@ -57,6 +57,9 @@ if TYPE_CHECKING:
         current_executor as current_executor,
     )
     from .invocations import (
+        InvocationInfo as InvocationInfo,
+        InvocationStatus as InvocationStatus,
+        LogEntry as LogEntry,
         cancellable_sleep as cancellable_sleep,
         check_cancelled as check_cancelled,
         current_invocation_id as current_invocation_id,
@@ -98,6 +101,9 @@ _HOMES: dict[str, str] = {
     "RemoteStream": "remote_exec.executor",
     "current_executor": "remote_exec.executor",
     # remote_exec.invocations
+    "InvocationInfo": "remote_exec.invocations",
+    "InvocationStatus": "remote_exec.invocations",
+    "LogEntry": "remote_exec.invocations",
     "cancellable_sleep": "remote_exec.invocations",
     "check_cancelled": "remote_exec.invocations",
     "current_invocation_id": "remote_exec.invocations",
@@ -119,6 +125,9 @@ __all__ = [
     "FrameError",
     "InstanceRegistry",
     "InvocationCancelled",
+    "InvocationInfo",
+    "InvocationStatus",
+    "LogEntry",
     "NotAllowedError",
     "ProcessExecutor",
     "ProtocolError",

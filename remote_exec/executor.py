@@ -23,6 +23,7 @@ from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Self
 
 from .exceptions import ExecutorStateError, NotAllowedError
+from .invocations import InvocationInfo, InvocationStatus
 from .registry import InstanceRegistry
 
 # The public names (re-exported by ``remote_exec``); the other helpers here
@@ -460,6 +461,43 @@ class Executor(ABC):
     @abstractmethod
     async def get_remote_objects(self) -> list[str]:
         """The names of every instance the remote side holds."""
+
+    # -- invocations -------------------------------------------------------------
+    @abstractmethod
+    async def list_invocations(
+        self,
+        *,
+        instance: Any = None,
+        method: str | None = None,
+        status: str | InvocationStatus | None = None,
+    ) -> list[InvocationInfo]:
+        """Every invocation the remote side knows (of every client), oldest
+        first; ``instance`` (a held object or its name), ``method`` and
+        ``status`` filter them."""
+
+    @abstractmethod
+    async def get_invocation(self, invocation_id: str) -> InvocationInfo:
+        """The invocation ``invocation_id``.
+
+        Raises:
+            LookupError: unknown, or expired.
+        """
+
+    @abstractmethod
+    async def cancel_invocation(self, invocation_id: str) -> InvocationInfo:
+        """Ask ``invocation_id`` to stop: pending, it never starts; running async,
+        it is cancelled; running sync, it stops at its next ``check_cancelled()``.
+        Its info as it is after the request.
+
+        Raises:
+            LookupError: unknown, or expired.
+        """
+
+    def _instance_name(self, instance: Any) -> str | None:
+        """An ``instance`` filter as a name: a held object, or already a name."""
+        if instance is None or isinstance(instance, str):
+            return instance
+        return self.registry.require_name(instance)
 
     # -- calls -----------------------------------------------------------------
     @abstractmethod

@@ -14,28 +14,192 @@ nothing, or just sleep, so a method runs the same when called locally.
 from __future__ import annotations
 
 import contextvars
+import enum
 import itertools
 import os
 import threading
 import time
+from collections import deque
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from .exceptions import InvocationCancelled
 
-__all__ = ["cancellable_sleep", "check_cancelled", "current_invocation_id"]
+__all__ = [
+    "InvocationInfo",
+    "InvocationStatus",
+    "LogEntry",
+    "cancellable_sleep",
+    "check_cancelled",
+    "current_invocation_id",
+]
+
+DEFAULT_MAX_LOG = 1000
+"""Log records kept per invocation (the newest)."""
+
+
+class InvocationStatus(enum.StrEnum):
+    """Where an invocation stands; it only moves forward (``FORWARD``)."""
+
+    PENDING = "pending"  # queued
+    RUNNING = "running"
+    COMPLETED = "completed"
+    ERROR = "error"
+    CANCELLED = "cancelled"
+
+    @property
+    def finished(self) -> bool:
+        return self in _FINISHED
+
+
+_FINISHED = frozenset(
+    {InvocationStatus.COMPLETED, InvocationStatus.ERROR, InvocationStatus.CANCELLED}
+)
+FORWARD: dict[InvocationStatus, frozenset[InvocationStatus]] = {
+    InvocationStatus.PENDING: frozenset({InvocationStatus.RUNNING, *_FINISHED}),
+    InvocationStatus.RUNNING: _FINISHED,
+    InvocationStatus.COMPLETED: frozenset(),
+    InvocationStatus.ERROR: frozenset(),
+    InvocationStatus.CANCELLED: frozenset(),
+}
+
+
+@dataclass(frozen=True, slots=True)
+class LogEntry:
+    """One record the method's code logged while it ran (INFO and above)."""
+
+    time: float  # time.time() where it ran
+    level: str  # "INFO", "WARNING", ...
+    logger: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
+class InvocationInfo:
+    """What the side that runs an invocation knows of it.
+
+    Times are that side's ``time.time()``, None until reached; ``error`` is
+    ``"TypeName: message"`` once it failed or was cancelled.
+    """
+
+    id: str
+    instance: str
+    method: str
+    status: InvocationStatus
+    requested_at: float
+    started_at: float | None
+    ended_at: float | None
+    error: str | None
+    log: tuple[LogEntry, ...]
+
+    def to_wire(self) -> dict[str, Any]:
+        """Plain values for a message or JSON (the log as lists)."""
+        return {
+            "id": self.id,
+            "instance": self.instance,
+            "method": self.method,
+            "status": self.status.value,
+            "requested_at": self.requested_at,
+            "started_at": self.started_at,
+            "ended_at": self.ended_at,
+            "error": self.error,
+            "log": [[e.time, e.level, e.logger, e.message] for e in self.log],
+        }
+
+    @classmethod
+    def from_wire(cls, data: Mapping[str, Any]) -> InvocationInfo:
+        log: Sequence[Sequence[Any]] = data.get("log") or ()
+        return cls(
+            id=str(data["id"]),
+            instance=str(data["instance"]),
+            method=str(data["method"]),
+            status=InvocationStatus(data["status"]),
+            requested_at=float(data["requested_at"]),
+            started_at=data.get("started_at"),
+            ended_at=data.get("ended_at"),
+            error=data.get("error"),
+            log=tuple(LogEntry(float(t), str(lv), str(lg), str(m)) for t, lv, lg, m in log),
+        )
 
 
 class InvocationScope:
-    """One running call's id and stop request, shared by the runtime and the method."""
+    """One invocation as the side that runs it keeps it: its id and stop
+    request (which the method's own code checks), and its status, times,
+    error and captured log (which anyone may read by id)."""
 
-    __slots__ = ("_event", "cancelled", "id")
+    __slots__ = (
+        "_event",
+        "by_id",
+        "cancelled",
+        "ended_at",
+        "error",
+        "id",
+        "instance",
+        "log",
+        "method",
+        "requested_at",
+        "started_at",
+        "status",
+    )
 
-    def __init__(self, invocation_id: str) -> None:
+    def __init__(self, invocation_id: str, instance: str = "", method: str = "") -> None:
         self.id = invocation_id
+        self.instance = instance
+        self.method = method
         self.cancelled = False
+        self.by_id = False  # cancelled by id (not by its caller)
         self._event: threading.Event | None = None  # made only for a cancellable_sleep
+        self.status = InvocationStatus.PENDING
+        self.requested_at = time.time()
+        self.started_at: float | None = None
+        self.ended_at: float | None = None
+        self.error: str | None = None
+        self.log: deque[LogEntry] | None = None  # made at the first record
 
-    def cancel(self) -> None:
+    def start(self) -> None:
+        if self.status is InvocationStatus.PENDING:
+            self.status = InvocationStatus.RUNNING
+            self.started_at = time.time()
+
+    def finish(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
+        """The outcome: completed, or error / cancelled with ``error``. Only once."""
+        if self.status.finished:
+            return
+        if cancelled or isinstance(error, InvocationCancelled):
+            status = InvocationStatus.CANCELLED
+        elif error is not None:
+            status = InvocationStatus.ERROR
+        else:
+            status = InvocationStatus.COMPLETED
+        self.status = status
+        self.ended_at = time.time()
+        if error is not None:
+            self.error = f"{type(error).__name__}: {error}"
+
+    def add_log(self, entry: LogEntry, limit: int = DEFAULT_MAX_LOG) -> None:
+        log = self.log
+        if log is None:
+            log = self.log = deque(maxlen=limit)
+        log.append(entry)  # deque appends are atomic: the loop may read meanwhile
+
+    def info(self) -> InvocationInfo:
+        return InvocationInfo(
+            self.id,
+            self.instance,
+            self.method,
+            self.status,
+            self.requested_at,
+            self.started_at,
+            self.ended_at,
+            self.error,
+            tuple(self.log) if self.log else (),
+        )
+
+    def cancel(self, *, by_id: bool = False) -> None:
         """Ask the call to stop (from any thread)."""
+        if by_id and not self.cancelled:
+            self.by_id = True
         self.cancelled = True
         event = self._event
         if event is not None:
@@ -50,7 +214,7 @@ class InvocationScope:
             return True
         return event.wait(max(seconds, 0.0))
 
-    def error(self) -> InvocationCancelled:
+    def cancelled_error(self) -> InvocationCancelled:
         return InvocationCancelled(f"invocation {self.id} was cancelled")
 
 
@@ -80,7 +244,7 @@ def check_cancelled() -> None:
     """
     scope = current.get()
     if scope is not None and scope.cancelled:
-        raise scope.error()
+        raise scope.cancelled_error()
 
 
 def cancellable_sleep(seconds: float) -> None:
@@ -94,4 +258,4 @@ def cancellable_sleep(seconds: float) -> None:
         time.sleep(seconds)
         return
     if scope.wait(seconds):
-        raise scope.error()
+        raise scope.cancelled_error()

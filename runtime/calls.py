@@ -127,17 +127,41 @@ class RuntimeCall:
     moves: dict[CallState, frozenset[CallState]] = _CALL_MOVES
     instance: Instance  # a slot of each kind
 
-    def __init__(self, peer: Peer, sid: int, state: CallState) -> None:
+    def __init__(
+        self, peer: Peer, sid: int, state: CallState, instance: str = "", method: str = ""
+    ) -> None:
         self.peer = peer
         self.sid = sid
         self.state = state
-        # Its id, and the stop request the method's own code can check.
-        self.invocation = InvocationScope(new_invocation_id())
+        # Its id and record, and the stop request the method's own code can check.
+        self.invocation = InvocationScope(new_invocation_id(), instance, method)
 
     def _move(self, new: CallState) -> None:
         if new not in self.moves[self.state]:
             raise InvalidTransition(f"{self!r} cannot move from {self.state.value} to {new.value}")
         self.state = new
+        if new is DONE:
+            self.invocation.finish()  # completed, unless an outcome was recorded before
+            self.instance.invocations.finished(self)
+
+    def outcome(self, error: BaseException | None) -> None:
+        """Record how the call ended (before it moves to DONE)."""
+        self.invocation.finish(error, cancelled=self.invocation.cancelled and error is not None)
+
+    def cancel_by_id(self) -> None:
+        """Someone asked, by id, for this invocation to stop."""
+        self.invocation.cancel(by_id=True)
+        self.on_cancel()
+
+    def _cancelled_error(self, started: bool) -> BaseException:
+        """What the caller of a cancelled call gets."""
+        if self.invocation.by_id:
+            return self.invocation.cancelled_error()
+        return CallCancelledError(
+            "the call was cancelled while it ran"
+            if started
+            else "the call was cancelled before it started"
+        )
 
     def on_cancel(self) -> None:
         """The client sent ``Cancel``."""
@@ -154,6 +178,7 @@ class RuntimeCall:
 
     def drop(self, error: BaseException) -> None:
         """The instance went away while this call was queued."""
+        self.outcome(error)
         self._move(DONE)
         self.peer.fail(self.sid, error)
         self.peer.forget(self)
@@ -180,7 +205,7 @@ class SyncCall(RuntimeCall, Entry):
         method: str | None,
         is_async: bool = False,
     ) -> None:
-        RuntimeCall.__init__(self, peer, sid, QUEUED)
+        RuntimeCall.__init__(self, peer, sid, QUEUED, instance.name, method or "")
         self.instance = instance
         self.fn = fn
         self.args = args
@@ -195,12 +220,14 @@ class SyncCall(RuntimeCall, Entry):
 
     def start(self) -> bool:
         if not self.peer.alive:
+            self.invocation.finish(cancelled=True)  # its caller is gone: it never runs
             self._move(DONE)
             self.peer.forget(self)
             return False
         try:
             self.job = self.instance.worker.submit(self._run, on_done=self._on_done)
         except ExecutorStateError as exc:
+            self.outcome(exc)
             self._move(DONE)
             self.peer.fail(self.sid, exc)
             self.peer.forget(self)
@@ -212,6 +239,7 @@ class SyncCall(RuntimeCall, Entry):
         if self.is_async:  # the worker awaits it: the invocation is set inside
             return self._arun()
         token = current.set(self.invocation)
+        self.invocation.start()
         try:
             if self.method is None:
                 return self.fn()
@@ -221,13 +249,13 @@ class SyncCall(RuntimeCall, Entry):
 
     async def _arun(self) -> Any:  # in the worker thread's own loop
         token = current.set(self.invocation)
+        self.invocation.start()
         try:
             return await self.fn(self.instance.obj, *self.args, **self.kwargs)
         finally:
             current.reset(token)
 
     def _on_done(self, job: Job) -> None:  # on the server loop, in completion order
-        self._move(DONE)
         # The job refers back to this call: without the cycle, the arguments
         # and the result (maybe large buffers) go as soon as the reply is sent,
         # not at the next garbage collection.
@@ -239,13 +267,12 @@ class SyncCall(RuntimeCall, Entry):
             except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
                 error = exc
                 if self.cancelled and job.state == "cancelled":
-                    error = CallCancelledError(
-                        "the call was cancelled while it ran"
-                        if self.is_async
-                        else "the call was cancelled before it started"
-                    )
+                    error = self._cancelled_error(started=self.is_async)
+                self.outcome(error)
+                self._move(DONE)
                 peer.fail(self.sid, error)
             else:
+                self._move(DONE)
                 self._answer(value)
             peer.forget(self)
         finally:
@@ -261,8 +288,9 @@ class SyncCall(RuntimeCall, Entry):
         # Queued (here or in the worker): it never starts. Running: a sync one
         # finishes and its result is sent; an async one is cancelled where it runs.
         if self.state == QUEUED and self.instance.remove(self):
+            self.invocation.finish(cancelled=True)
             self._move(DONE)
-            self.peer.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
+            self.peer.fail(self.sid, self._cancelled_error(started=False))
             self.peer.forget(self)
         elif self.state == RUNNING and self.job is not None:
             self.invocation.cancel()  # a sync method stops at its next check_cancelled()
@@ -291,15 +319,20 @@ class InlineCall(SyncCall):
 
     def start(self) -> bool:
         peer = self.peer
-        self._move(DONE)
-        if peer.alive:
+        if not peer.alive:
+            self.invocation.finish(cancelled=True)
+            self._move(DONE)
+        else:
             try:
                 value = self._run()
             except BaseException as exc:  # any outcome of user code is the caller's
                 if isinstance(exc, KeyboardInterrupt):
                     raise
+                self.outcome(exc)
+                self._move(DONE)
                 peer.fail(self.sid, exc)
             else:
+                self._move(DONE)
                 self._answer(value)
         peer.forget(self)
         return False  # already finished: the next entry may start
@@ -329,7 +362,7 @@ class AsyncCall(RuntimeCall, Entry):
         kwargs: dict[str, Any],
         runner: Runner,
     ) -> None:
-        RuntimeCall.__init__(self, peer, sid, QUEUED)
+        RuntimeCall.__init__(self, peer, sid, QUEUED, instance.name, marker.name)
         self.instance = instance
         self.fn = marker.func
         self.method = marker.name
@@ -344,6 +377,7 @@ class AsyncCall(RuntimeCall, Entry):
 
     def start(self) -> bool:
         if not self.peer.alive or not self.runner.alive:
+            self.invocation.finish(cancelled=True)
             self._move(DONE)
             self.peer.forget(self)
             return False
@@ -355,26 +389,33 @@ class AsyncCall(RuntimeCall, Entry):
         peer = self.peer
         try:
             if self.cancelled or not peer.alive:  # cancelled before it started: never starts
-                peer.fail(self.sid, CallCancelledError("the call was cancelled before it started"))
+                self.invocation.finish(cancelled=True)
+                peer.fail(self.sid, self._cancelled_error(started=False))
                 return
             with anyio.CancelScope() as scope:
                 self.scope = scope
                 token = current.set(self.invocation)
+                self.invocation.start()
                 try:
                     value = await self.fn(self.instance.obj, *self.args, **self.kwargs)
                 except anyio.get_cancelled_exc_class():
                     raise
                 except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the caller's
+                    self.outcome(exc)
                     peer.fail(self.sid, exc)
                     return
                 finally:
                     current.reset(token)
             self.scope = None
             if scope.cancelled_caught:
-                peer.fail(self.sid, CallCancelledError("the call was cancelled while it ran"))
+                self.invocation.finish(cancelled=True)
+                peer.fail(self.sid, self._cancelled_error(started=True))
                 return
             peer.reply(self.sid, value)
             self.instance.publish_execute(self.method, self.args, self.kwargs, value)
+        except BaseException:
+            self.invocation.finish(cancelled=True)  # the peer's tasks are going away
+            raise
         finally:
             self._move(DONE)
             peer.forget(self)
@@ -382,6 +423,7 @@ class AsyncCall(RuntimeCall, Entry):
 
     async def abort(self) -> None:
         """The runner is going away before it could run this call."""
+        self.invocation.finish(cancelled=True)
         self._move(DONE)
         self.peer.forget(self)
         self.instance.finish(self)
@@ -389,10 +431,9 @@ class AsyncCall(RuntimeCall, Entry):
     def on_cancel(self) -> None:
         if self.state == QUEUED:
             if self.instance.remove(self):
+                self.invocation.finish(cancelled=True)
                 self._move(DONE)
-                self.peer.fail(
-                    self.sid, CallCancelledError("the call was cancelled before it started")
-                )
+                self.peer.fail(self.sid, self._cancelled_error(started=False))
                 self.peer.forget(self)
             return
         self.cancelled = True
@@ -403,6 +444,7 @@ class AsyncCall(RuntimeCall, Entry):
     def abandon(self) -> bool:
         if self.state == QUEUED:
             if self.instance.remove(self):
+                self.invocation.finish(cancelled=True)
                 self._move(DONE)
                 self.peer.forget(self)
             return False
@@ -413,6 +455,7 @@ class AsyncCall(RuntimeCall, Entry):
 
     def release(self) -> None:
         if self.state == QUEUED and self.instance.remove(self):
+            self.invocation.finish(cancelled=True)
             self._move(DONE)
 
 
@@ -452,7 +495,7 @@ class StreamCall(RuntimeCall, Entry):
         kwargs: dict[str, Any],
         runner: Runner | None,
     ) -> None:
-        RuntimeCall.__init__(self, peer, sid, PARKED)
+        RuntimeCall.__init__(self, peer, sid, PARKED, instance.name, marker.name)
         self.instance = instance
         self.fn = marker.func
         self.method = marker.name
@@ -499,6 +542,12 @@ class StreamCall(RuntimeCall, Entry):
             self._continue()
 
     def on_cancel(self) -> None:
+        self._close_soon()
+
+    def cancel_by_id(self) -> None:
+        self.invocation.cancel(by_id=True)
+        if self.state is not DONE and self.error is None:
+            self.error = self.invocation.cancelled_error()  # what its consumer gets
         self._close_soon()
 
     def _close_soon(self) -> None:
@@ -548,9 +597,13 @@ class StreamCall(RuntimeCall, Entry):
     def _end(self) -> None:
         if self.state == DONE:
             return
+        error, self.error = self.error, None  # no cycle through its traceback
+        if error is not None:
+            self.outcome(error)
+        elif self.stop and not self.exhausted:
+            self.invocation.finish(cancelled=True)  # closed before its end
         self._move(DONE)
         self.instance.streams.discard(self)
-        error, self.error = self.error, None  # no cycle through its traceback
         if error is not None:
             self.peer.fail(self.sid, error)
         else:
@@ -634,6 +687,7 @@ class StreamCall(RuntimeCall, Entry):
 
     def _step_in_thread(self, count: int) -> None:
         token = current.set(self.invocation)
+        self.invocation.start()
         try:
             self._sync_step(count)
         finally:
@@ -664,6 +718,7 @@ class StreamCall(RuntimeCall, Entry):
     async def _astep_in_thread(self, count: int) -> None:
         """``_step_in_thread`` for an async generator, in the worker's own loop."""
         token = current.set(self.invocation)
+        self.invocation.start()
         try:
             await self._async_step(count)
         finally:
@@ -703,7 +758,7 @@ class StreamCall(RuntimeCall, Entry):
                 except InvocationCancelled:
                     self.gen_closed = True  # stopped as asked: not an error
                     if not self.stop:
-                        self.error = self.error or self.invocation.error()
+                        self.error = self.error or self.invocation.cancelled_error()
                 except BaseException as exc:  # noqa: BLE001 - any outcome of user code is the consumer's
                     self.gen_closed = True
                     if self.error is None:
@@ -733,6 +788,7 @@ class StreamCall(RuntimeCall, Entry):
     async def run(self) -> None:
         """One async step, in the peer's runner for the instance."""
         token = current.set(self.invocation)
+        self.invocation.start()
         try:
             await self._runner_step()
         finally:

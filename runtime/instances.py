@@ -18,6 +18,7 @@ import anyio.lowlevel
 from remote_exec.exceptions import ExecutorStateError, UnknownInstanceError
 
 from .events import EventHub
+from .invocations import InvocationTable
 from .worker import InstanceWorker, Job
 
 __all__ = ["Entry", "Instance", "InternalJob", "Turn", "exclusive"]
@@ -65,6 +66,7 @@ class Instance:
         "close_grace",
         "deleted",
         "events",
+        "invocations",
         "key",
         "name",
         "obj",
@@ -84,6 +86,7 @@ class Instance:
         owner: set[str] | None = None,
         *,
         events: EventHub | None = None,
+        invocations: InvocationTable | None = None,
         close_grace: float = 5.0,
     ) -> None:
         self.name = name
@@ -94,6 +97,7 @@ class Instance:
         # loop (ThreadExecutor), else on the loop of the peer that called them.
         self.async_in_thread = worker.runs_coroutines
         self.events = events if events is not None else EventHub()
+        self.invocations = invocations if invocations is not None else InvocationTable()
         self.close_grace = close_grace  # how long closing one generator may take
         # The names the creating connection holds (``max_instances``): the set,
         # not the connection, so that an instance never keeps a dead one alive.

@@ -51,6 +51,7 @@ from remote_exec.registry import InstanceRegistry
 from .calls import AsyncCall, InlineCall, Peer, RuntimeCall, StreamCall, SyncCall
 from .events import EventHub
 from .instances import Instance, InternalJob, exclusive
+from .invocations import InvocationTable
 from .worker import InstanceWorker
 
 __all__ = ["InstanceRuntime", "sleep_until"]
@@ -70,6 +71,7 @@ class InstanceRuntime:
             loop and the threads wait on a plain queue (the server).
         close_grace: how long closing one generator or stopping one thread may
             take before it is given up on, in seconds.
+        invocations: the table of its invocations (a new one by default).
     """
 
     def __init__(
@@ -79,9 +81,11 @@ class InstanceRuntime:
         *,
         threads_have_loops: bool,
         close_grace: float = 5.0,
+        invocations: InvocationTable | None = None,
     ) -> None:
         self.registry = registry
         self.events = events
+        self.invocations = invocations if invocations is not None else InvocationTable()
         self.threads_have_loops = threads_have_loops
         self.close_grace = close_grace
         self.instances: dict[str, Instance] = {}
@@ -158,6 +162,7 @@ class InstanceRuntime:
                 worker,
                 owner,
                 events=self.events,
+                invocations=self.invocations,
                 close_grace=self.close_grace,
             )
             if owner is not None:
@@ -255,6 +260,7 @@ class InstanceRuntime:
                 runner = peer.runner_for(instance)
             stream = StreamCall(peer, sid, instance, marker, args, kwargs, runner)
             peer.calls[sid] = stream
+            self.invocations.add(stream)
             stream.begin()
             return stream
         if instance.async_in_thread:  # every call in the instance's thread
@@ -268,6 +274,7 @@ class InstanceRuntime:
         else:
             call = InlineCall(peer, sid, instance, marker.func, args, kwargs, marker.name)
         peer.calls[sid] = call
+        self.invocations.add(call)
         instance.enqueue(call)
         return call
 

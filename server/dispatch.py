@@ -146,6 +146,9 @@ class Dispatcher:
     # Server operations: name -> (handler name, runs as a task, is a stream).
     _OPS: ClassVar[dict[str, tuple[str, bool, bool]]] = {
         "echo_clock": ("_op_echo_clock", False, False),
+        "list_invocations": ("_op_list_invocations", False, False),
+        "get_invocation": ("_op_get_invocation", False, False),
+        "cancel_invocation": ("_op_cancel_invocation", False, False),
         "list_instances": ("_op_list_instances", False, False),
         "get_properties": ("_op_get_properties", False, False),
         "get_config": ("_op_get_config", False, False),
@@ -464,6 +467,28 @@ class Dispatcher:
     # -- server operations (target "") ------------------------------------------------
     def _op_echo_clock(self, conn: Connection, sid: int) -> int:
         return time.perf_counter_ns()
+
+    def _op_list_invocations(
+        self,
+        conn: Connection,
+        sid: int,
+        instance: Any = None,
+        method: Any = None,
+        status: Any = None,
+    ) -> list[dict[str, Any]]:
+        for value in (instance, method, status):
+            if value is not None and not isinstance(value, str):
+                raise TypeError("invocation filters are strings or nil")
+        found = self.runtime.invocations.list(instance=instance, method=method, status=status)
+        return [info.to_wire() for info in found]
+
+    def _op_get_invocation(self, conn: Connection, sid: int, invocation_id: Any) -> dict[str, Any]:
+        return self.runtime.invocations.get(invocation_id).to_wire()
+
+    def _op_cancel_invocation(
+        self, conn: Connection, sid: int, invocation_id: Any
+    ) -> dict[str, Any]:
+        return self.runtime.invocations.cancel(invocation_id).to_wire()
 
     def _op_list_instances(self, conn: Connection, sid: int) -> list[str]:
         return list(self.runtime.instances)

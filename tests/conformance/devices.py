@@ -368,6 +368,19 @@ class Spinner:
         check_cancelled()  # not asked to stop: nothing happens
         return current_invocation_id()
 
+    @apply_executor
+    async def nap(self, seconds: float) -> str:
+        self.events.append("nap started")
+        try:
+            await anyio.sleep(seconds)
+        finally:
+            self.events.append("nap ended")
+        return "rested"
+
+    @apply_executor
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
     @apply_generator_executor
     def ids(self, n: int) -> Iterator[str | None]:
         from remote_exec import current_invocation_id
