@@ -68,19 +68,32 @@ def apply_executor(
     *,
     callback: Callback = None,
     blocking: bool = True,
+    timeout: float | None = None,
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]: ...
 @overload
 def apply_executor(
-    func: Callable[Concatenate[S, P], R], *, callback: Callback = None, blocking: bool = True
+    func: Callable[Concatenate[S, P], R],
+    *,
+    callback: Callback = None,
+    blocking: bool = True,
+    timeout: float | None = None,
 ) -> Callable[Concatenate[S, P], Coroutine[Any, Any, R]]: ...
 @overload
 def apply_executor(
-    func: None = None, *, callback: Callback = None, blocking: bool = True
+    func: None = None,
+    *,
+    callback: Callback = None,
+    blocking: bool = True,
+    timeout: float | None = None,
 ) -> _ExecutorDecorator: ...
 
 
 def apply_executor(
-    func: Callable[..., Any] | None = None, *, callback: Callback = None, blocking: bool = True
+    func: Callable[..., Any] | None = None,
+    *,
+    callback: Callback = None,
+    blocking: bool = True,
+    timeout: float | None = None,
 ) -> Any:
     """Run a sync or async method through the active executor; always awaited.
 
@@ -104,9 +117,21 @@ def apply_executor(
         TypeError: ``func`` is a generator (use ``apply_generator_executor``),
             or ``blocking=False`` is given for an async method (which runs on
             the event loop anyway).
+        timeout: seconds each call through an executor may take, from when it
+            is made: the remote side never starts it once that passed while it
+            was queued, cancels it at the deadline while it runs (a sync method
+            at its next ``check_cancelled()``), and the caller gets
+            ``DeadlineExceeded``. A deadline around the awaiting code travels
+            too; the earliest wins.
+
+    Raises:
+        ValueError: ``timeout`` is not a positive number of seconds.
     """
+    _check_timeout(timeout)
     if func is None:
-        return functools.partial(apply_executor, callback=callback, blocking=blocking)
+        return functools.partial(
+            apply_executor, callback=callback, blocking=blocking, timeout=timeout
+        )
     if _is_generator(func):
         raise TypeError(
             f"{func.__qualname__} is a generator: decorate it with apply_generator_executor"
@@ -132,26 +157,37 @@ def apply_executor(
             bound(result)
         return result
 
-    wrapper.__remote_exec__ = RemoteMethod(name, func, False, is_async, callback, blocking)  # type: ignore[attr-defined]
+    wrapper.__remote_exec__ = RemoteMethod(  # type: ignore[attr-defined]
+        name, func, False, is_async, callback, blocking, timeout
+    )
     return wrapper
 
 
 @overload
 def apply_generator_executor(
-    func: Callable[Concatenate[S, P], AsyncIterator[T]], *, callback: Callback = None
+    func: Callable[Concatenate[S, P], AsyncIterator[T]],
+    *,
+    callback: Callback = None,
+    timeout: float | None = None,
 ) -> Callable[Concatenate[S, P], TypedStream[T]]: ...
 @overload
 def apply_generator_executor(
-    func: Callable[Concatenate[S, P], Any], *, callback: Callback = None
+    func: Callable[Concatenate[S, P], Any],
+    *,
+    callback: Callback = None,
+    timeout: float | None = None,
 ) -> Callable[Concatenate[S, P], RemoteStream]: ...
 @overload
 def apply_generator_executor(
-    func: None = None, *, callback: Callback = None
+    func: None = None, *, callback: Callback = None, timeout: float | None = None
 ) -> _GeneratorDecorator: ...
 
 
 def apply_generator_executor(
-    func: Callable[..., Any] | None = None, *, callback: Callback = None
+    func: Callable[..., Any] | None = None,
+    *,
+    callback: Callback = None,
+    timeout: float | None = None,
 ) -> Any:
     """Run a sync or async generator method through the active executor.
 
@@ -163,11 +199,17 @@ def apply_generator_executor(
     ``async for item in items``, or iterate it directly. Leaving the block early
     closes the generator where it runs. ``callback`` runs once per item.
 
+    ``timeout``: seconds the whole stream may take on the remote side (it
+    never starts once that passed while queued; its code's
+    ``check_cancelled()`` raises after it).
+
     Raises:
         TypeError: ``func`` is not a generator (use ``apply_executor``).
+        ValueError: ``timeout`` is not a positive number of seconds.
     """
+    _check_timeout(timeout)
     if func is None:
-        return functools.partial(apply_generator_executor, callback=callback)
+        return functools.partial(apply_generator_executor, callback=callback, timeout=timeout)
     if not _is_generator(func):
         raise TypeError(f"{func.__qualname__} is not a generator: decorate it with apply_executor")
     is_async = inspect.isasyncgenfunction(func)
@@ -180,7 +222,9 @@ def apply_generator_executor(
             return executor.execute_generator(self, name, args, kwargs, callback)
         return LocalStream(func(self, *args, **kwargs), resolve_callback(self, callback))
 
-    wrapper.__remote_exec__ = RemoteMethod(name, func, True, is_async, callback)  # type: ignore[attr-defined]
+    wrapper.__remote_exec__ = RemoteMethod(  # type: ignore[attr-defined]
+        name, func, True, is_async, callback, True, timeout
+    )
     return wrapper
 
 
@@ -216,3 +260,10 @@ class LocalStream(RemoteStream):
             await self._gen.aclose()
         else:
             self._gen.close()
+
+
+def _check_timeout(timeout: float | None) -> None:
+    if timeout is not None and (
+        type(timeout) not in (int, float) or not 0 < timeout < float("inf")
+    ):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")

@@ -30,11 +30,13 @@ from remote_exec.exceptions import (
 from remote_exec.executor import (
     Executor,
     RemoteStream,
+    call_deadline,
     check_channel,
     check_sleep,
     config_of,
     module_name,
     resolve_call,
+    wait_for_answer,
 )
 from remote_exec.framing import pack_frames
 from remote_exec.invocations import InvocationInfo, InvocationStatus
@@ -152,8 +154,10 @@ class _Stream(RemoteStream):
         kwargs: dict[str, Any],
         callback: Callable[[Any], Any] | None,
         window: int,
+        timeout: float | None = None,
     ) -> None:
         self._inbox = _StreamInbox(executor)
+        self._timeout = timeout  # the method's own, from apply_generator_executor
         self._closed = False
         self._executor = executor
         self._call = (target, method, args, kwargs)
@@ -182,7 +186,13 @@ class _Stream(RemoteStream):
         inbox = self._inbox
         call_soon = threadsafe_call_soon()
         inbox.stream_id = await self._executor._send_call(
-            target, method, args, kwargs, stream=self._window, waiter=inbox
+            target,
+            method,
+            args,
+            kwargs,
+            stream=self._window,
+            waiter=inbox,
+            meta=_deadline_meta(call_deadline(self._timeout)),
         )
         inbox.call_soon = call_soon
 
@@ -408,10 +418,11 @@ class RemoteExecutor(Executor):
         *,
         stream: int = 0,
         waiter: _Pending | _StreamInbox,
+        meta: dict[str, Any] | None = None,
     ) -> int:
         self._check_usable()
         stream_id = self._connection.send_call(
-            target, method, list(args), kwargs, stream=bool(stream), credit=stream
+            target, method, list(args), kwargs, stream=bool(stream), credit=stream, meta=meta
         )
         self._waiters[stream_id] = waiter
         try:
@@ -444,12 +455,23 @@ class RemoteExecutor(Executor):
         args: Iterable[Any] = (),
         kwargs: dict[str, Any] | None = None,
         callback: Callable[[Any], Any] | None = None,
+        *,
+        method_timeout: float | None = None,
     ) -> Any:
-        """One call, awaited; cancelling the caller cancels it remotely."""
+        """One call, awaited; cancelling the caller cancels it remotely.
+
+        A deadline (``method_timeout``, or the caller's own) travels with it.
+        """
         waiter = _Pending(callback, self._new_event())
-        stream_id = await self._send_call(target, method, args, kwargs or {}, waiter=waiter)
+        meta = _deadline_meta(call_deadline(method_timeout))
+        stream_id = await self._send_call(
+            target, method, args, kwargs or {}, waiter=waiter, meta=meta
+        )
         try:
-            await waiter.done.wait()
+            if method_timeout is None:
+                await waiter.done.wait()
+            else:
+                await wait_for_answer(waiter.done, method_timeout)
         except BaseException:
             if not waiter.done.is_set():
                 self._waiters.pop(stream_id, None)
@@ -472,7 +494,9 @@ class RemoteExecutor(Executor):
         self._check_usable()
         marker, bound = resolve_call(obj, fn, callback, generator=False)
         target = self.registry.require_name(obj)
-        return await self._request(target, marker.name, args, kwargs, bound)
+        return await self._request(
+            target, marker.name, args, kwargs, bound, method_timeout=marker.timeout
+        )
 
     def execute_generator(
         self,
@@ -485,7 +509,9 @@ class RemoteExecutor(Executor):
         self._check_usable()
         marker, bound = resolve_call(obj, gen, callback, generator=True)
         target = self.registry.require_name(obj)
-        return _Stream(self, target, marker.name, list(args), kwargs or {}, bound, self.window)
+        return _Stream(
+            self, target, marker.name, list(args), kwargs or {}, bound, self.window, marker.timeout
+        )
 
     async def _create(self, obj: Any, name: str, args: Any, kwargs: Any, exist_ok: bool) -> bool:
         self._check_usable()
@@ -587,3 +613,8 @@ class RemoteExecutor(Executor):
         self._check_usable()
         check_channel(name, channel)
         return _Stream(self, "", "subscribe", [name, channel], {}, None, self.window)
+
+
+def _deadline_meta(deadline: float | None) -> dict[str, Any] | None:
+    """A call's meta: the seconds it may take, if bounded (``call_deadline``)."""
+    return None if deadline is None else {"deadline": max(deadline, 0.0)}

@@ -35,9 +35,11 @@ from remote_exec.exceptions import (
 from remote_exec.executor import (
     Executor,
     RemoteStream,
+    call_deadline,
     config_of,
     module_name,
     resolve_call,
+    wait_for_answer,
 )
 from remote_exec.invocations import InvocationInfo, InvocationStatus
 from remote_exec.protocol import DEFAULT_WINDOW
@@ -310,12 +312,16 @@ class ThreadExecutor(Executor):
         sid = peer.next_id()
         answer = _Answer(peer.new_event(), bound)
         peer.expect(sid, answer)
-        call = self._runtime.call(peer, sid, instance, marker, arguments, keywords)
+        deadline = call_deadline(marker.timeout)
+        call = self._runtime.call(peer, sid, instance, marker, arguments, keywords, deadline)
         try:
-            await answer.event.wait()
+            if marker.timeout is None:
+                await answer.event.wait()
+            else:
+                await wait_for_answer(answer.event, marker.timeout)
         except BaseException:
             peer.abandon(sid)
-            call.on_cancel()  # queued: never starts; running async: cancelled there
+            call.on_cancel()  # queued: never starts; running: asked to stop
             raise
         if answer.error is not None:
             raise answer.error
@@ -341,7 +347,9 @@ class ThreadExecutor(Executor):
         sid = peer.next_id()
         stream = ThreadStream(peer, sid, bound)
         peer.expect(sid, stream.inbox)
-        stream.call = self._runtime.call(peer, sid, instance, marker, arguments, keywords)
+        stream.call = self._runtime.call(
+            peer, sid, instance, marker, arguments, keywords, call_deadline(marker.timeout)
+        )
         return stream
 
     # -- invocations -------------------------------------------------------------

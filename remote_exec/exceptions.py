@@ -18,6 +18,7 @@
     ├── TooManyCallsError                        per-connection in-flight cap reached
     ├── CallCancelledError                       the reply to a call its client cancelled
     ├── InvocationCancelled                      a running method was asked to stop
+    │   └── DeadlineExceeded (also TimeoutError) its deadline passed, queued or running
     ├── SubscriberOverflowError                  an event subscriber fell behind
     └── RemoteException                          raised by the remote code itself
 
@@ -38,12 +39,13 @@ from typing import Any
 
 __all__ = [
     "CallCancelledError",
-    "InvocationCancelled",
     "CodecError",
     "ConnectionLostError",
+    "DeadlineExceeded",
     "DuplicateInstanceError",
     "ExecutorStateError",
     "FrameError",
+    "InvocationCancelled",
     "NotAllowedError",
     "ProtocolError",
     "RegistryError",
@@ -131,6 +133,18 @@ class InvocationCancelled(RemoteExecError):
     """
 
 
+class DeadlineExceeded(InvocationCancelled, TimeoutError):
+    """A call's deadline (its method's ``timeout=``, or its caller's own)
+    passed: it never started (``where == "queued"``), or it was stopped while
+    it ran (``"running"``). What ``check_cancelled()`` raises then, so a
+    method's ``except InvocationCancelled`` sees it too."""
+
+    @property
+    def where(self) -> str:
+        """``"queued"`` or ``"running"`` (read from the message, which travels)."""
+        return "queued" if "while queued" in str(self) else "running"
+
+
 class SubscriberOverflowError(RemoteExecError):
     """An event subscriber fell too far behind and was dropped."""
 
@@ -164,6 +178,7 @@ _OWN_ERRORS: dict[str, type[RemoteExecError]] = {
         TooManyCallsError,
         CallCancelledError,
         InvocationCancelled,
+        DeadlineExceeded,
         SubscriberOverflowError,
         CodecError,
         ProtocolError,

@@ -22,7 +22,9 @@ from dataclasses import dataclass
 from types import ModuleType, TracebackType
 from typing import Any, ClassVar, Self
 
-from .exceptions import ExecutorStateError, NotAllowedError
+import anyio
+
+from .exceptions import DeadlineExceeded, ExecutorStateError, NotAllowedError
 from .invocations import InvocationInfo, InvocationStatus
 from .registry import InstanceRegistry
 
@@ -210,6 +212,7 @@ class RemoteMethod:
     # False: a sync method that never blocks, which a server may run on its
     # event loop instead of in the instance's thread (``apply_executor``).
     blocking: bool = True
+    timeout: float | None = None  # seconds per call (``apply_executor(timeout=...)``)
 
 
 @functools.lru_cache(maxsize=4096)
@@ -572,6 +575,49 @@ class Executor(ABC):
     def get_channel_from_remote(self, name: str, channel: str) -> RemoteStream:
         """Events of instance ``name`` ("" for all) on ``channel`` ("create",
         "delete", "execute", or "" for all), as a stream."""
+
+
+DEADLINE_GRACE = 2.0
+"""Seconds a caller waits past a method's ``timeout`` for the remote side's own
+answer (which says whether the call expired queued or running) before it
+gives up on its own."""
+
+
+CALLER_DEADLINE_MARGIN = 0.25
+"""Seconds added to a caller's own deadline when it travels with a call: the
+caller's scope (which moves on, or raises its own ``TimeoutError``) ends the
+wait first, and the remote side's copy is the backstop that keeps a queued
+call from starting and a running one from running on."""
+
+
+def call_deadline(timeout: float | None) -> float | None:
+    """Seconds a call may take from now: the method's ``timeout`` or the
+    caller's own deadline (an anyio, trio or asyncio one, plus
+    ``CALLER_DEADLINE_MARGIN``), whichever is sooner; None for neither. Sent
+    with the call as time remaining, so the two sides' clocks need not agree."""
+    remaining = anyio.current_effective_deadline() - anyio.current_time()
+    if remaining != math.inf:
+        remaining += CALLER_DEADLINE_MARGIN
+    if timeout is not None and timeout < remaining:
+        return timeout
+    return remaining if remaining != math.inf else None
+
+
+async def wait_for_answer(answered: anyio.Event, method_timeout: float) -> None:
+    """Wait for a call of a method with ``timeout=``: its remote side answers
+    at the deadline (saying queued or running); if it cannot (a sync method
+    that never checks), the caller stops waiting ``DEADLINE_GRACE`` later.
+
+    Raises:
+        DeadlineExceeded: no answer came.
+    """
+    with anyio.move_on_after(method_timeout + DEADLINE_GRACE):
+        await answered.wait()
+        return
+    raise DeadlineExceeded(
+        f"the call passed its deadline of {method_timeout} s while running "
+        "(and its method did not stop: it should check_cancelled())"
+    )
 
 
 def check_sleep(duration: Any, deadline: Any) -> None:

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from .exceptions import InvocationCancelled
+from .exceptions import DeadlineExceeded, InvocationCancelled
 
 __all__ = [
     "InvocationInfo",
@@ -132,6 +132,7 @@ class InvocationScope:
         "_event",
         "by_id",
         "cancelled",
+        "deadline",
         "ended_at",
         "error",
         "id",
@@ -149,6 +150,7 @@ class InvocationScope:
         self.method = method
         self.cancelled = False
         self.by_id = False  # cancelled by id (not by its caller)
+        self.deadline: float | None = None  # time.monotonic() it must end by
         self._event: threading.Event | None = None  # made only for a cancellable_sleep
         self.status = InvocationStatus.PENDING
         self.requested_at = time.time()
@@ -166,7 +168,7 @@ class InvocationScope:
         """The outcome: completed, or error / cancelled with ``error``. Only once."""
         if self.status.finished:
             return
-        if cancelled or isinstance(error, InvocationCancelled):
+        if cancelled or isinstance(error, InvocationCancelled | DeadlineExceeded):
             status = InvocationStatus.CANCELLED
         elif error is not None:
             status = InvocationStatus.ERROR
@@ -217,6 +219,21 @@ class InvocationScope:
     def cancelled_error(self) -> InvocationCancelled:
         return InvocationCancelled(f"invocation {self.id} was cancelled")
 
+    def expired(self) -> bool:
+        deadline = self.deadline
+        return deadline is not None and time.monotonic() >= deadline
+
+    def deadline_error(self, where: str) -> DeadlineExceeded:
+        """``where``: "queued" (it never started) or "running"."""
+        return DeadlineExceeded(f"invocation {self.id} passed its deadline while {where}")
+
+    def check(self) -> None:
+        """Raise if asked to stop or past the deadline (``check_cancelled``)."""
+        if self.cancelled:
+            raise self.cancelled_error()
+        if self.deadline is not None and time.monotonic() >= self.deadline:
+            raise self.deadline_error("running")
+
 
 current: contextvars.ContextVar[InvocationScope | None] = contextvars.ContextVar(
     "remote_exec_invocation", default=None
@@ -238,13 +255,14 @@ def current_invocation_id() -> str | None:
 
 
 def check_cancelled() -> None:
-    """Raise ``InvocationCancelled`` if the current call was asked to stop.
+    """Raise ``InvocationCancelled`` if the current call was asked to stop,
+    or ``DeadlineExceeded`` once its deadline passed.
 
     Call it between the steps of a long sync method: that is where it stops.
     """
     scope = current.get()
-    if scope is not None and scope.cancelled:
-        raise scope.cancelled_error()
+    if scope is not None:
+        scope.check()
 
 
 def cancellable_sleep(seconds: float) -> None:
@@ -257,5 +275,8 @@ def cancellable_sleep(seconds: float) -> None:
     if scope is None:
         time.sleep(seconds)
         return
-    if scope.wait(seconds):
-        raise scope.cancelled_error()
+    deadline = scope.deadline
+    if deadline is not None:
+        seconds = min(seconds, deadline - time.monotonic())
+    scope.wait(seconds)
+    scope.check()

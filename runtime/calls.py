@@ -17,6 +17,7 @@ from __future__ import annotations
 import enum
 import logging
 import threading
+import time
 import traceback
 from collections import deque
 from collections.abc import Callable
@@ -153,6 +154,24 @@ class RuntimeCall:
         self.invocation.cancel(by_id=True)
         self.on_cancel()
 
+    def _expired_in_queue(self) -> bool:
+        """True (and the call answered) if its deadline passed before it could start."""
+        if not self.invocation.expired():
+            return False
+        error = self.invocation.deadline_error("queued")
+        self.outcome(error)
+        self._move(DONE)
+        self.peer.fail(self.sid, error)
+        self.peer.forget(self)
+        return True
+
+    def _deadline_scope(self) -> anyio.CancelScope:
+        """A cancel scope ending at the invocation's deadline (on this loop's clock)."""
+        deadline = self.invocation.deadline
+        if deadline is None:
+            return anyio.CancelScope()
+        return anyio.CancelScope(deadline=anyio.current_time() + deadline - time.monotonic())
+
     def _cancelled_error(self, started: bool) -> BaseException:
         """What the caller of a cancelled call gets."""
         if self.invocation.by_id:
@@ -224,6 +243,8 @@ class SyncCall(RuntimeCall, Entry):
             self._move(DONE)
             self.peer.forget(self)
             return False
+        if self.invocation.deadline is not None and self._expired_in_queue():
+            return False
         try:
             self.job = self.instance.worker.submit(self._run, on_done=self._on_done)
         except ExecutorStateError as exc:
@@ -236,6 +257,8 @@ class SyncCall(RuntimeCall, Entry):
         return True
 
     def _run(self) -> Any:  # in the worker thread
+        if self.invocation.expired():  # it waited behind the jobs handed on before it
+            raise self.invocation.deadline_error("queued")
         if self.is_async:  # the worker awaits it: the invocation is set inside
             return self._arun()
         token = current.set(self.invocation)
@@ -251,7 +274,9 @@ class SyncCall(RuntimeCall, Entry):
         token = current.set(self.invocation)
         self.invocation.start()
         try:
-            return await self.fn(self.instance.obj, *self.args, **self.kwargs)
+            with self._deadline_scope():
+                return await self.fn(self.instance.obj, *self.args, **self.kwargs)
+            raise self.invocation.deadline_error("running")  # the scope ended it
         finally:
             current.reset(token)
 
@@ -322,6 +347,8 @@ class InlineCall(SyncCall):
         if not peer.alive:
             self.invocation.finish(cancelled=True)
             self._move(DONE)
+        elif self.invocation.deadline is not None and self._expired_in_queue():
+            return False
         else:
             try:
                 value = self._run()
@@ -392,7 +419,12 @@ class AsyncCall(RuntimeCall, Entry):
                 self.invocation.finish(cancelled=True)
                 peer.fail(self.sid, self._cancelled_error(started=False))
                 return
-            with anyio.CancelScope() as scope:
+            if self.invocation.expired():
+                error = self.invocation.deadline_error("queued")
+                self.outcome(error)
+                peer.fail(self.sid, error)
+                return
+            with self._deadline_scope() as scope:
                 self.scope = scope
                 token = current.set(self.invocation)
                 self.invocation.start()
@@ -408,8 +440,13 @@ class AsyncCall(RuntimeCall, Entry):
                     current.reset(token)
             self.scope = None
             if scope.cancelled_caught:
-                self.invocation.finish(cancelled=True)
-                peer.fail(self.sid, self._cancelled_error(started=True))
+                error = (
+                    self._cancelled_error(started=True)
+                    if self.cancelled
+                    else self.invocation.deadline_error("running")
+                )
+                self.invocation.finish(error, cancelled=True)
+                peer.fail(self.sid, error)
                 return
             peer.reply(self.sid, value)
             self.instance.publish_execute(self.method, self.args, self.kwargs, value)
@@ -645,6 +682,11 @@ class StreamCall(RuntimeCall, Entry):
     # -- one step ---------------------------------------------------------------
     def start(self) -> bool:
         if self.state == DONE:
+            return False
+        if self.gen is None and not self.stop and self.invocation.expired():
+            self.error = self.invocation.deadline_error("queued")
+            self.stop = True
+            self._end()
             return False
         if self.on_runner:
             if self.runner is None or not self.runner.alive or (self.stop and self.gen is None):

@@ -251,14 +251,20 @@ class InstanceRuntime:
         marker: RemoteMethod,
         args: list[Any],
         kwargs: dict[str, Any],
+        deadline: float | None = None,
     ) -> RuntimeCall:
-        """Queue a call of a decorated method (a stream for a generator)."""
+        """Queue a call of a decorated method (a stream for a generator).
+
+        ``deadline``: seconds it may take from now (None: no bound).
+        """
         call: RuntimeCall
         if marker.is_generator:
             runner = None
             if marker.is_async and not instance.async_in_thread:
                 runner = peer.runner_for(instance)
             stream = StreamCall(peer, sid, instance, marker, args, kwargs, runner)
+            if deadline is not None:
+                stream.invocation.deadline = time.monotonic() + deadline
             peer.calls[sid] = stream
             self.invocations.add(stream)
             stream.begin()
@@ -273,6 +279,8 @@ class InstanceRuntime:
             call = SyncCall(peer, sid, instance, marker.func, args, kwargs, marker.name)
         else:
             call = InlineCall(peer, sid, instance, marker.func, args, kwargs, marker.name)
+        if deadline is not None:
+            call.invocation.deadline = time.monotonic() + deadline
         peer.calls[sid] = call
         self.invocations.add(call)
         instance.enqueue(call)

@@ -306,7 +306,15 @@ class Dispatcher:
             kind = "a generator" if marker.is_generator else "not a generator"
             conn.fail(sid, TypeError(f"{message.target}.{message.method} is {kind}"))
             return
-        self.runtime.call(conn, sid, instance, marker, message.args, message.kwargs)
+        deadline = None
+        if message.meta:
+            deadline = message.meta.get("deadline")
+            if deadline is not None and (
+                type(deadline) not in (int, float) or not 0 <= deadline < math.inf
+            ):
+                conn.fail(sid, TypeError("a call's deadline is a number of seconds"))
+                return
+        self.runtime.call(conn, sid, instance, marker, message.args, message.kwargs, deadline)
 
     def _dispatch_op(self, conn: Connection, message: Call) -> None:
         sid = message.stream_id

@@ -368,6 +368,21 @@ class Spinner:
         check_cancelled()  # not asked to stop: nothing happens
         return current_invocation_id()
 
+    @apply_executor(timeout=0.5)
+    def bounded_spin(self, steps: int) -> int:
+        """``spin`` that may take half a second at most."""
+        return Spinner.spin.__remote_exec__.func(self, steps)  # type: ignore[attr-defined, no-any-return]
+
+    @apply_executor(timeout=0.3)
+    def quick(self) -> str:
+        self.events.append("quick ran")
+        return "quick"
+
+    @apply_executor(timeout=0.5)
+    async def bounded_nap(self, seconds: float) -> str:
+        await anyio.sleep(seconds)
+        return "rested"
+
     @apply_executor
     async def nap(self, seconds: float) -> str:
         self.events.append("nap started")

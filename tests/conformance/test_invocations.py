@@ -12,21 +12,11 @@ from remote_exec import Executor, InvocationCancelled
 from remote_exec.invocations import InvocationInfo, InvocationStatus
 
 from .devices import Spinner
+from .helpers import listed
 
 pytestmark = pytest.mark.anyio
 
 LONG = 1000  # steps: uninterrupted, a spin runs 20 s
-
-
-async def listed(executor: Executor, spinner: Spinner, method: str, status: str) -> InvocationInfo:
-    """The first invocation of ``method`` in ``status``, once there is one (the
-    condition is on the remote side: look often)."""
-    with anyio.fail_after(10):
-        while True:
-            found = await executor.list_invocations(instance=spinner, method=method, status=status)
-            if found:
-                return found[0]
-            await anyio.sleep(0.01)
 
 
 async def running(executor: Executor, spinner: Spinner, method: str) -> InvocationInfo:

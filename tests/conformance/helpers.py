@@ -1,0 +1,21 @@
+"""Helpers the conformance tests share."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import anyio
+
+from remote_exec import Executor
+from remote_exec.invocations import InvocationInfo
+
+
+async def listed(executor: Executor, instance: Any, method: str, status: str) -> InvocationInfo:
+    """The first invocation of ``method`` in ``status``, once there is one (the
+    condition is on the remote side: look often)."""
+    with anyio.fail_after(10):
+        while True:
+            found = await executor.list_invocations(instance=instance, method=method, status=status)
+            if found:
+                return found[0]
+            await anyio.sleep(0.01)
