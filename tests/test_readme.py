@@ -1,8 +1,12 @@
-"""The README's 30-second example runs as written, on both backends."""
+"""The README's examples run as written: the 30-second one on both backends, and
+every one of them copied into a file and run as a script."""
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import anyio
@@ -47,3 +51,71 @@ def test_readme_blocking_example_runs_as_a_script(capsys: pytest.CaptureFixture[
     namespace: dict[str, object] = {"__name__": "__main__"}
     exec(compile(source, str(README), "exec"), namespace)  # noqa: S102 - our own README
     assert capsys.readouterr().out.splitlines() == ["2.5", "scan closed", "['stage']"]
+
+
+# -- every example, run as a script --------------------------------------------------------
+
+# Run, with a real daemon, by tests/server/test_main_trap.py and the test above.
+DAEMON_EXAMPLES = ("from camera import Camera", "DaemonProcess")
+
+# What each script prints (a regular expression for all of its output), keyed by
+# a line that appears in that block only.
+EXPECTED_OUTPUT = {
+    "class Camera:\n    _config_props_": r"got 1024 bytes\n0\n1\n2\n3\n4\n",
+    "BlockingExecutor(": r"2\.5\nscan closed\n\['stage'\]\n",
+    "with ExecutorContext(threads):": (
+        r"in this process\nin a child process\nin this process\nin a child process\n"
+    ),
+    "cam.remote_executor = child": r"in a child process\nin a child process\nin this process\n",
+    "@apply_executor(blocking=False)": r"2\.5\n",
+    "anyio.move_on_after(": r"stopped after [1-9]\d* spectra\n\[0\.0\]\n",
+    "list_invocations(": r"spectra running\nspectra cancelled\n",
+    "get_echo_clock()": r"True\n",
+}
+
+
+def _scripts() -> list[tuple[int, int, str]]:
+    """(index among the python blocks, README line of its first line, source)."""
+    text = README.read_text()
+    return [
+        (index, text.count("\n", 0, match.start(1)) + 1, match.group(1))
+        for index, match in enumerate(re.finditer(r"```python\n(.*?)```", text, flags=re.DOTALL))
+    ]
+
+
+def _expected_output(source: str) -> str:
+    keys = [key for key in EXPECTED_OUTPUT if key in source]
+    assert len(keys) == 1, f"say in EXPECTED_OUTPUT what this example prints:\n{source}"
+    return EXPECTED_OUTPUT[keys[0]]
+
+
+def test_each_expected_output_names_one_example() -> None:
+    sources = [source for _, _, source in _scripts()]
+    for key in EXPECTED_OUTPUT:
+        assert sum(key in source for source in sources) == 1, key
+
+
+@pytest.mark.parametrize(
+    ("index", "source"),
+    [
+        pytest.param(index, source, id=f"block{index}-line{line}")
+        for index, line, source in _scripts()
+        if not any(marker in source for marker in DAEMON_EXAMPLES)
+    ],
+)
+def test_readme_example_runs_as_a_script(index: int, source: str, tmp_path: Path) -> None:
+    """Copied into a file in an empty directory and run: no daemon, no token."""
+    script = tmp_path / f"example_{index}.py"
+    script.write_text(source)
+    env = {key: value for key, value in os.environ.items() if key != "REMOTE_EXEC_TOKEN"}
+    result = subprocess.run(
+        [sys.executable, script.name],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert re.fullmatch(_expected_output(source), result.stdout), result.stdout
