@@ -61,6 +61,15 @@ the registry's own coders and the constructors of the types above, and never
 imports: unknown tags, unknown coder names, enum classes the registry does not
 allow and nesting deeper than ``max_depth`` raise ``CodecError``. Nothing is
 ever unpickled.
+
+A body holds at most ``max_elements`` values, counted on the wire: every item
+of an array and every entry of a map (key and value together), nested ones
+too (a tag's fields are its array's items, or its object's entries). A value
+takes at least one byte of body, so only a body longer than the cap is
+counted (``count_elements``), before the parser builds anything (it would
+turn one byte into a 72-byte empty list): a receiver refuses a body over the
+cap with ``CodecError``, and a sender refuses to encode one (``FrameError``,
+like a message over the size cap: the caller gets it, nothing is sent).
 """
 
 from __future__ import annotations
@@ -71,6 +80,7 @@ import json
 import math
 import os
 import pathlib
+import re
 import uuid
 from collections.abc import Callable
 from enum import Enum, Flag
@@ -78,7 +88,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import msgpack
 
-from .exceptions import CodecError, RemoteExecError
+from .exceptions import CodecError, FrameError, RemoteExecError
 from .framing import (
     CODEC_JSON,
     CODEC_MSGPACK,
@@ -103,6 +113,7 @@ except ImportError:  # pragma: no cover - exercised only without numpy
 __all__ = ["Codec", "CodecCheck", "JsonCodec", "MsgpackCodec", "codec_for", "codec_named"]
 
 DEFAULT_MAX_DEPTH = 64
+DEFAULT_MAX_ELEMENTS = 1_000_000
 
 INT_MIN = -(2**63)
 INT_MAX = 2**64 - 1
@@ -156,7 +167,16 @@ class Codec(Protocol):
         ...
 
     def parse(self, body: memoryview) -> Any:
-        """Decode a body into its lowered tree (tags not yet resolved)."""
+        """Decode a body into its lowered tree (tags not yet resolved).
+
+        Raises:
+            CodecError: the body is invalid, or holds more than ``max_elements`` values.
+        """
+        ...
+
+    def count_elements(self, body: bytes | memoryview, limit: int) -> int:
+        """The values ``body`` holds (array items and map entries, nested ones
+        too), or, once there are more than ``limit``, some number above it."""
         ...
 
     def build(self, tree: Any, registry: InstanceRegistry | None, buffers: list[memoryview]) -> Any:
@@ -180,8 +200,11 @@ class _Walker:
     name: str
     uses_plain_dicts = True
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
+    def __init__(
+        self, max_depth: int = DEFAULT_MAX_DEPTH, max_elements: int = DEFAULT_MAX_ELEMENTS
+    ) -> None:
         self.max_depth = max_depth
+        self.max_elements = max_elements
 
     # -- tags: overridden per codec --------------------------------------------
     def tag(self, code: int, fields: list[Any]) -> Any:
@@ -301,6 +324,28 @@ class _Walker:
 
     def parse(self, body: memoryview) -> Any:
         raise NotImplementedError
+
+    # -- the element cap ---------------------------------------------------------
+    def count_elements(self, body: bytes | memoryview, limit: int) -> int:
+        raise NotImplementedError
+
+    def over_cap(self, body: bytes | memoryview) -> bool:
+        """Whether ``body`` holds more values than the cap (only called for a
+        body longer than the cap: a shorter one cannot)."""
+        return self.count_elements(body, self.max_elements) > self.max_elements
+
+    def _refuse_to_send(self) -> None:
+        raise FrameError(
+            f"the message holds more than {self.max_elements} values (array items and map "
+            "entries), more than the element cap (Limits.max_elements); send large "
+            "homogeneous data as bytes or a numpy array, or in several calls"
+        )
+
+    def _refuse_to_parse(self) -> None:
+        raise CodecError(
+            f"the message holds more than {self.max_elements} values, more than the "
+            "element cap (Limits.max_elements; the daemon's --max-elements)"
+        )
 
     # -- the raising walk ------------------------------------------------------
     def build(self, tree: Any, registry: InstanceRegistry | None, buffers: list[memoryview]) -> Any:
@@ -798,8 +843,10 @@ class MsgpackCodec(_Walker):
 
     _EXT = {code: msgpack.ExtType(code, b"") for code in _TAG_NAMES}
 
-    def __init__(self, max_depth: int = DEFAULT_MAX_DEPTH) -> None:
-        super().__init__(max_depth)
+    def __init__(
+        self, max_depth: int = DEFAULT_MAX_DEPTH, max_elements: int = DEFAULT_MAX_ELEMENTS
+    ) -> None:
+        super().__init__(max_depth, max_elements)
         self._packer = msgpack.Packer(use_bin_type=True, autoreset=True)
 
     def tag(self, code: int, fields: list[Any]) -> Any:
@@ -818,11 +865,16 @@ class MsgpackCodec(_Walker):
         buffers: list[memoryview] = []
         tree = self.lower(value, registry, buffers, head)
         try:
-            return self._packer.pack(tree), buffers
+            body = self._packer.pack(tree)
         except (ValueError, TypeError, OverflowError) as exc:  # e.g. lone surrogates in a str
             raise CodecError(f"cannot encode with msgpack: {exc}") from exc
+        if len(body) > self.max_elements and self.over_cap(body):
+            self._refuse_to_send()
+        return body, buffers
 
     def parse(self, body: memoryview) -> Any:
+        if len(body) > self.max_elements and self.over_cap(body):
+            self._refuse_to_parse()
         try:
             return msgpack.unpackb(
                 body,
@@ -830,9 +882,14 @@ class MsgpackCodec(_Walker):
                 strict_map_key=False,
                 max_bin_len=0,  # binaries only travel out of band
                 max_ext_len=0,
+                max_array_len=self.max_elements,
+                max_map_len=self.max_elements,
             )
         except (ValueError, TypeError, msgpack.UnpackException, RecursionError) as exc:
             raise CodecError(f"invalid msgpack body: {exc}") from exc
+
+    def count_elements(self, body: bytes | memoryview, limit: int) -> int:
+        return _count_msgpack(body, limit)
 
 
 class JsonCodec(_Walker):
@@ -890,35 +947,161 @@ class JsonCodec(_Walker):
     ) -> tuple[bytes, list[memoryview]]:
         buffers: list[memoryview] = []
         tree = self.lower(value, registry, buffers, head)
-        return json.dumps(tree, separators=(",", ":"), allow_nan=False).encode(), buffers
+        body = json.dumps(tree, separators=(",", ":"), allow_nan=False).encode()
+        if len(body) > self.max_elements and self.over_cap(body):
+            self._refuse_to_send()
+        return body, buffers
 
     def parse(self, body: memoryview) -> Any:
+        if len(body) > self.max_elements and self.over_cap(body):
+            self._refuse_to_parse()
         try:
             return json.loads(bytes(body), parse_constant=_refuse_constant)
         except (ValueError, RecursionError, UnicodeDecodeError) as exc:
             raise CodecError(f"invalid JSON body: {exc}") from exc
+
+    def count_elements(self, body: bytes | memoryview, limit: int) -> int:
+        return _count_json(bytes(body), limit)
+
+    def over_cap(self, body: bytes | memoryview) -> bool:
+        text = bytes(body)
+        limit = self.max_elements
+        # Every value after an array's or object's first is after a comma, and
+        # strings rarely hold many commas or brackets: almost always enough.
+        if text.count(b",") + text.count(b"[") + text.count(b"{") <= limit:
+            return False
+        return _count_json(text, limit) > limit
 
 
 def _refuse_constant(name: str) -> float:
     raise ValueError(f"bare {name} is not JSON; non-finite floats travel as tags")
 
 
+# -- counting values without building them ----------------------------------------
+# The parsers turn each byte of a hostile body into tens of bytes of objects (an
+# empty msgpack array is one byte, the list it becomes 72): counting first is
+# what bounds them. Both counters stop as soon as the count passes the limit,
+# and leave a malformed body to the parser to refuse.
+
+
+def _msgpack_sizes() -> bytes:
+    """The size of each msgpack value that has one, by its first byte (0: an
+    array or map, or a str, bin or ext whose length follows)."""
+    sizes = bytearray(256)
+    for byte in (*range(0x80), *range(0xE0, 0x100), 0xC0, 0xC1, 0xC2, 0xC3):
+        sizes[byte] = 1  # fixints, nil, (never used), false, true
+    sizes[0x80] = sizes[0x90] = 1  # an empty map or array: nothing in it to count
+    for byte in range(0xA0, 0xC0):
+        sizes[byte] = 1 + (byte & 0x1F)  # fixstr
+    fixed = {0xCA: 5, 0xCB: 9, 0xCC: 2, 0xCD: 3, 0xCE: 5, 0xCF: 9, 0xD0: 2, 0xD1: 3, 0xD2: 5}
+    fixed |= {0xD3: 9, 0xD4: 3, 0xD5: 4, 0xD6: 6, 0xD7: 10, 0xD8: 18}  # numbers, fixext
+    for byte, size in fixed.items():
+        sizes[byte] = size
+    return bytes(sizes)
+
+
+_MSGPACK_SIZES = _msgpack_sizes()
+# str, bin and ext: bytes of their length field, bytes between it and the data
+_MSGPACK_LENGTHS = {0xC4: (1, 0), 0xC5: (2, 0), 0xC6: (4, 0), 0xC7: (1, 1), 0xC8: (2, 1)}
+_MSGPACK_LENGTHS |= {0xC9: (4, 1), 0xD9: (1, 0), 0xDA: (2, 0), 0xDB: (4, 0)}
+
+
+def _count_msgpack(body: bytes | memoryview, limit: int) -> int:
+    """Array items plus map entries in a msgpack body, stepping over the values
+    without building any (a few dozen nanoseconds each)."""
+    sizes, lengths, from_bytes = _MSGPACK_SIZES, _MSGPACK_LENGTHS, int.from_bytes
+    pos = count = 0
+    todo = 1  # values still to step over
+    try:
+        while todo:
+            todo -= 1
+            byte = body[pos]
+            size = sizes[byte]
+            if size:
+                pos += size
+                continue
+            if byte < 0xA0:  # fixmap, fixarray
+                n = byte & 0x0F
+                pos += 1
+                todo += n if byte >= 0x90 else 2 * n
+            elif byte >= 0xDC:  # array 16, array 32, map 16, map 32
+                width = 2 if byte in (0xDC, 0xDE) else 4
+                n = from_bytes(body[pos + 1 : pos + 1 + width], "big")
+                pos += 1 + width
+                todo += n if byte < 0xDE else 2 * n
+            else:  # str, bin, ext: a length, then that many bytes
+                width, gap = lengths[byte]
+                pos += 1 + width + gap + from_bytes(body[pos + 1 : pos + 1 + width], "big")
+                continue
+            count += n
+            if count > limit:
+                break
+    except IndexError:  # truncated: the parser says so
+        pass
+    return count
+
+
+# A JSON string once its escapes are gone (every '"' left then delimits a string).
+_JSON_STRING = re.compile(rb'"[^"]*"')
+_JSON_SPACE = b" \t\n\r"
+_JSON_CHUNK = 1 << 16  # bytes counted at a time: the GIL is free between chunks
+
+
+def _count_json(text: bytes, limit: int) -> int:
+    """Array items plus object entries in a JSON text: its commas and its
+    non-empty arrays and objects, outside strings, counted in chunks (so that a
+    thread counting a large body holds the GIL a few milliseconds at a time)."""
+    if b"\\" in text:  # escaped backslashes, then escaped quotes: left to right, as JSON reads
+        text = text.replace(b"\\\\", b"").replace(b'\\"', b"")
+    count = 0
+    last = b'"'  # the last byte seen outside strings ('"' stands for a string)
+    inside = False  # the chunk starts inside a string
+    for start in range(0, len(text), _JSON_CHUNK):
+        piece = text[start : start + _JSON_CHUNK]
+        if inside:
+            close = piece.find(b'"')
+            if close < 0:
+                continue
+            piece = piece[close + 1 :]
+            inside = False
+        if piece.count(b'"') % 2:  # a string goes on into the next chunk
+            piece = piece[: piece.rfind(b'"')]
+            inside = True
+        bare = _JSON_STRING.sub(b'"', piece).translate(None, _JSON_SPACE)
+        if inside:
+            bare += b'"'
+        if not bare:
+            continue
+        count += bare.count(b",") + bare.count(b"[") + bare.count(b"{")
+        count -= bare.count(b"[]") + bare.count(b"{}")
+        if last in b"[{" and bare[0] in b"]}":  # an empty one across the cut
+            count -= 1
+        last = bare[-1:]
+        if count > limit:
+            break
+    return count
+
+
 _CODECS: dict[int, type[_Walker]] = {CODEC_MSGPACK: MsgpackCodec, CODEC_JSON: JsonCodec}
 _NAMES = {"msgpack": CODEC_MSGPACK, "json": CODEC_JSON}
 
 
-def codec_for(codec_id: int, max_depth: int = DEFAULT_MAX_DEPTH) -> Codec:
+def codec_for(
+    codec_id: int, max_depth: int = DEFAULT_MAX_DEPTH, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> Codec:
     """A codec instance for the id found in a frame header."""
     try:
-        return _CODECS[codec_id](max_depth)  # type: ignore[return-value]
+        return _CODECS[codec_id](max_depth, max_elements)  # type: ignore[return-value]
     except KeyError:
         raise CodecError(f"unknown codec id {codec_id}") from None
 
 
-def codec_named(name: str, max_depth: int = DEFAULT_MAX_DEPTH) -> Codec:
+def codec_named(
+    name: str, max_depth: int = DEFAULT_MAX_DEPTH, max_elements: int = DEFAULT_MAX_ELEMENTS
+) -> Codec:
     """A codec instance by name: ``"msgpack"`` or ``"json"``."""
     try:
-        return codec_for(_NAMES[name], max_depth)
+        return codec_for(_NAMES[name], max_depth, max_elements)
     except KeyError:
         raise ValueError(f"unknown codec {name!r}: use 'msgpack' or 'json'") from None
 

@@ -23,23 +23,29 @@ Rules the state machine enforces:
    ``TooManyCallsError`` failure and never reaches the application.
 4. A call whose arguments cannot be decoded is answered with a failure for
    its id; an envelope that cannot be decoded is a ``ProtocolError``.
+
+Receiving has two halves: ``decode`` (check, parse and build the frames of a
+transport message) reads no state that changes, so it may run in a worker
+thread while the connection goes on; ``receive_decoded`` then updates the
+state, in order, where the connection lives. ``receive_frame`` does both at
+once, for the common small message.
 """
 
 from __future__ import annotations
 
-import traceback as traceback_module
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
-from typing import Any
+from typing import Any, NamedTuple
 
-from .codecs import DEFAULT_MAX_DEPTH, Codec, codec_for, codec_named
+from .codecs import DEFAULT_MAX_DEPTH, DEFAULT_MAX_ELEMENTS, Codec, codec_for, codec_named
 from .exceptions import (
     CodecError,
     FrameError,
     ProtocolError,
     RemoteExecError,
     TooManyCallsError,
+    client_traceback,
     exception_type_name,
 )
 from .framing import (
@@ -65,7 +71,7 @@ from .messages import (
 )
 from .registry import InstanceRegistry
 
-__all__ = ["DEFAULT_WINDOW", "Limits", "RpcConnection", "Side"]
+__all__ = ["DEFAULT_WINDOW", "Decoded", "DecodedFrame", "Limits", "RpcConnection", "Side"]
 
 FramePieces = list[bytes | memoryview]
 
@@ -101,6 +107,11 @@ class Limits:
             a frame over it is refused from its header (``--max-message-size``).
         max_buffers: out-of-band buffers in one frame (``--max-buffers``).
         max_depth: nesting depth of a decoded value (``--max-depth``).
+        max_elements: values in one message: every array item and map entry
+            of its body, nested ones too, counted before anything is built
+            (``--max-elements``). A receiver refuses a message over it as
+            undecodable (a ``ProtocolError``); a sender refuses to send one
+            (``FrameError``, as for a message over the size cap).
         max_calls: calls and streams in flight on one connection; past it a
             call is answered at once with ``TooManyCallsError`` (``--max-calls``).
         max_credit: stream items the server may produce ahead of the consumer,
@@ -116,6 +127,7 @@ class Limits:
     max_message_size: int = DEFAULT_MAX_FRAME_SIZE
     max_buffers: int = DEFAULT_MAX_BUFFERS
     max_depth: int = DEFAULT_MAX_DEPTH
+    max_elements: int = DEFAULT_MAX_ELEMENTS
     max_calls: int = 256
     max_credit: int = 1024
     max_instances: int = 64
@@ -129,6 +141,26 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")
         if self.max_buffers > 0xFFFF:  # the frame header's buffer count is a u16
             raise ValueError("Limits.max_buffers cannot exceed 65535")
+
+
+class DecodedFrame(NamedTuple):
+    """One frame as ``RpcConnection.decode`` left it for ``receive_decoded``."""
+
+    codec: Codec | None  # None: the frame could not be decoded; ``payload`` says why
+    tree: Any  # the parsed body: ``[kind, stream_id, ...]`` once checked
+    buffers: list[memoryview]
+    # The payload built already: a tuple of values (a Call's args, kwargs and
+    # meta; a Result's value; StreamItems' items), or what building it raised;
+    # None when there is none (the message's handler builds, or refuses, it).
+    payload: Any
+
+
+class Decoded(NamedTuple):
+    """Frames of one transport message, decoded by ``RpcConnection.decode``."""
+
+    frames: list[DecodedFrame]
+    error: Exception | None  # what the next frame's header raised: raised after ``frames``
+    rest: int | None  # where the frames not decoded yet start (None: no more)
 
 
 class RpcConnection:
@@ -153,7 +185,7 @@ class RpcConnection:
         self.side = side
         self.registry = registry
         self.limits = limits or Limits()
-        self._codec = codec_named(codec, self.limits.max_depth)
+        self._codec = codec_named(codec, self.limits.max_depth, self.limits.max_elements)
         self._codecs: dict[int, Codec] = {self._codec.codec_id: self._codec}
         self._assembler = FrameAssembler(
             max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
@@ -234,7 +266,10 @@ class RpcConnection:
         frame = decode_frame(data, header=header)
         codec = self._codecs.get(frame.codec_id)
         if codec is None:
-            codec = self._codecs[frame.codec_id] = codec_for(frame.codec_id, self.limits.max_depth)
+            limits = self.limits
+            codec = self._codecs[frame.codec_id] = codec_for(
+                frame.codec_id, limits.max_depth, limits.max_elements
+            )
         try:
             tree = codec.parse(frame.body)
         except CodecError as exc:
@@ -248,6 +283,105 @@ class RpcConnection:
         if handler is None:
             raise ProtocolError(f"unexpected message kind {kind!r} for the {self.side.value}")
         handler(self, codec, stream_id, tree[2:], frame.buffers)
+
+    def decode(self, data: bytes | bytearray | memoryview, start: int = 0) -> Decoded:
+        """The first half of ``receive_frame``, for a large message: check,
+        parse and build its frames from offset ``start``, touching no state.
+
+        It reads only what does not change (the limits, the codecs, the
+        registry's coders and instances), so it may run in a worker thread
+        while the connection sends and answers; hand the result to
+        ``receive_decoded``, on the connection's own thread, before decoding
+        anything else. It stops before a frame that would take the bodies
+        decoded together past ``max_elements`` bytes (a value takes at least
+        one byte), so that one call holds at most about ``max_elements``
+        values however many frames a message packs; decode again from
+        ``rest`` for the others.
+
+        Never raises: an error is kept in ``error``, to be raised by
+        ``receive_decoded`` once the frames before it are received.
+        """
+        limits = self.limits
+        view = memoryview(data).cast("B")
+        end = len(view)
+        frames: list[DecodedFrame] = []
+        offset = start
+        bodies = 0
+        try:
+            while True:
+                header = decode_header(
+                    view[offset:], max_size=limits.max_message_size, max_buffers=limits.max_buffers
+                )
+                bodies += header.body_length
+                if frames and bodies > limits.max_elements:
+                    return Decoded(frames, None, offset)
+                size = header.frame_length
+                if offset + size > end:
+                    raise FrameError(
+                        f"truncated frame: header says {size} bytes, {end - offset} left in the message"
+                    )
+                try:
+                    frames.append(self._decode_one(view[offset : offset + size], header))
+                except Exception as exc:  # noqa: BLE001 - raised in order by receive_decoded
+                    frames.append(DecodedFrame(None, None, [], exc))
+                    return Decoded(frames, None, None)
+                offset += size
+                if offset >= end:
+                    return Decoded(frames, None, None)
+        except Exception as exc:  # noqa: BLE001 - raised in order by receive_decoded
+            return Decoded(frames, exc, None)
+
+    def _decode_one(self, data: memoryview, header: FrameHeader) -> DecodedFrame:
+        frame = decode_frame(data, header=header)
+        codec = self._codecs.get(frame.codec_id)
+        if codec is None:
+            limits = self.limits
+            codec = codec_for(frame.codec_id, limits.max_depth, limits.max_elements)
+        try:
+            tree = codec.parse(frame.body)
+        except CodecError as exc:
+            raise ProtocolError(f"undecodable message: {exc}") from exc
+        payload = None
+        if type(tree) is list and len(tree) >= 2 and type(tree[0]) is int:
+            build = _PAYLOADS.get((self.side, tree[0]))
+            if build is not None:
+                try:
+                    payload = build(self, codec, tree[2:], frame.buffers)
+                except Exception as exc:  # noqa: BLE001 - raised where building would have been
+                    payload = exc
+        return DecodedFrame(codec, tree, frame.buffers, payload)
+
+    def receive_decoded(self, decoded: Decoded) -> None:
+        """The second half of ``receive_frame``: receive what ``decode`` made,
+        in order, as ``receive_frame`` would have.
+
+        Raises:
+            FrameError, ProtocolError: as ``receive_frame`` (the frames before
+                the invalid one have been received).
+        """
+        for frame in decoded.frames:
+            if self.closed:
+                raise ProtocolError("received a frame after the connection closed")
+            codec, tree = frame.codec, frame.tree
+            if codec is None:
+                raise frame.payload
+            self._codecs.setdefault(codec.codec_id, codec)
+            # The checks of _receive_one, in the same order.
+            if type(tree) is not list or len(tree) < 2 or type(tree[0]) is not int:
+                raise ProtocolError("a message must be an array [kind, stream_id, ...]")
+            kind, stream_id = tree[0], tree[1]
+            if type(stream_id) is not int or not 0 <= stream_id < 2**63:
+                raise ProtocolError(f"invalid stream id {stream_id!r}")
+            handler = _RECEIVERS.get((self.side, kind))
+            if handler is None:
+                raise ProtocolError(f"unexpected message kind {kind!r} for the {self.side.value}")
+            if frame.payload is None:
+                handler(self, codec, stream_id, tree[2:], frame.buffers)
+            else:  # a handler of _PAYLOADS' kinds, which takes it
+                receive: Callable[..., None] = handler
+                receive(self, codec, stream_id, tree[2:], frame.buffers, frame.payload)
+        if decoded.error is not None:
+            raise decoded.error
 
     def events_received(self) -> list[Message]:
         """The messages decoded since the last call, in order."""
@@ -333,8 +467,9 @@ class RpcConnection:
         self._end(stream_id, [2, stream_id, value])
 
     def send_failure(self, stream_id: int, exc: BaseException) -> None:
-        """End a call or stream with ``exc`` (type name, message and traceback travel)."""
-        tb = "".join(traceback_module.format_exception(exc))
+        """End a call or stream with ``exc``: its type name, message and traceback
+        travel, the traceback without the server's paths (``client_traceback``)."""
+        tb = client_traceback(exc)
         self._end(stream_id, [3, stream_id, exception_type_name(exc), str(exc), tb])
 
     def send_items(self, stream_id: int, items: Sequence[Any]) -> None:
@@ -415,7 +550,9 @@ class RpcConnection:
         self._send(codec, [3, stream_id, exception_type_name(exc), str(exc), ""])
 
     # server receives
-    def _on_call(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+    def _on_call(
+        self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview], payload: Any = None
+    ) -> None:
         if len(f) != 7:
             raise ProtocolError("a Call has 7 fields")
         target, method, args, kwargs, stream, credit, meta = f
@@ -442,23 +579,45 @@ class RpcConnection:
             self._queue_failure(codec, sid, ProtocolError(f"credit {credit} is out of range"))
             return
         try:
-            args = self._build(codec, args, buffers)
-            if kwargs:  # an empty map needs no walk (the common case)
-                kwargs = self._build(codec, kwargs, buffers)
-                if not all(type(k) is str for k in kwargs):
-                    raise CodecError("keyword argument names must be strings")
-            if meta:
-                meta = self._build(codec, meta, buffers)
-            # A tag in place of the list/map (e.g. a bytes or tuple tag) builds
-            # to another type: refuse it here rather than in the application.
-            if type(args) is not list or type(kwargs) is not dict or type(meta) is not dict:
-                raise CodecError("a Call's args must be a list, kwargs and meta maps")
+            if payload is None:
+                args, kwargs, meta = self._call_payload(codec, args, kwargs, meta, buffers)
+            else:
+                args, kwargs, meta = _built(payload)
         except RemoteExecError as exc:
             self._queue_failure(codec, sid, exc)
             return
         self._open[sid] = credit if stream else None
         self._reply_codec[sid] = codec
         self._events.append(Call(sid, target, method, args, kwargs, stream, credit, meta))
+
+    def _call_payload(
+        self, codec: Codec, args: list[Any], kwargs: dict[Any, Any], meta: Any, buffers: Any
+    ) -> tuple[Any, Any, Any]:
+        """A Call's args, kwargs and meta, built (its fields' types are checked)."""
+        args = self._build(codec, args, buffers)
+        if kwargs:  # an empty map needs no walk (the common case)
+            kwargs = self._build(codec, kwargs, buffers)
+            if not all(type(k) is str for k in kwargs):
+                raise CodecError("keyword argument names must be strings")
+        if meta:
+            meta = self._build(codec, meta, buffers)
+        # A tag in place of the list/map (e.g. a bytes or tuple tag) builds
+        # to another type: refuse it here rather than in the application.
+        if type(args) is not list or type(kwargs) is not dict or type(meta) is not dict:
+            raise CodecError("a Call's args must be a list, kwargs and meta maps")
+        return args, kwargs, meta
+
+    def _prebuild_call(
+        self, codec: Codec, f: list[Any], buffers: list[memoryview]
+    ) -> tuple[Any, Any, Any] | None:
+        if (
+            len(f) != 7
+            or type(f[2]) is not list
+            or type(f[3]) is not dict
+            or type(f[6]) is not dict
+        ):
+            return None  # malformed: _on_call says so
+        return self._call_payload(codec, f[2], f[3], f[6], buffers)
 
     def _on_credit(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
         if len(f) != 1 or type(f[0]) is not int or f[0] <= 0:
@@ -499,13 +658,19 @@ class RpcConnection:
             return False
         return True
 
-    def _on_result(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+    def _on_result(
+        self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview], payload: Any = None
+    ) -> None:
         if len(f) != 1:
             raise ProtocolError("a Result has 1 field")
         if not self._finish(sid):
             return
         try:
-            self._events.append(Result(sid, self._build(codec, f[0], buffers)))
+            if payload is None:
+                value = self._build(codec, f[0], buffers)
+            else:
+                (value,) = _built(payload)
+            self._events.append(Result(sid, value))
         except RemoteExecError as exc:
             self._events.append(Failure(sid, exception_type_name(exc), str(exc)))
 
@@ -515,7 +680,15 @@ class RpcConnection:
         if self._finish(sid):
             self._events.append(Failure(sid, f[0], f[1], f[2]))
 
-    def _on_items(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
+    def _prebuild_one(self, codec: Codec, f: list[Any], buffers: list[memoryview]) -> Any:
+        """A Result's value or the StreamItems' list, built."""
+        if len(f) != 1:
+            return None  # malformed: the handler says so
+        return (self._build(codec, f[0], buffers),)
+
+    def _on_items(
+        self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview], payload: Any = None
+    ) -> None:
         if len(f) != 1 or type(f[0]) is not list:
             raise ProtocolError("StreamItems carry one list")
         left = self._expect(sid)
@@ -527,7 +700,10 @@ class RpcConnection:
         if sid in self._abandoned:
             return
         try:
-            items = self._build(codec, f[0], buffers)
+            if payload is None:
+                items = self._build(codec, f[0], buffers)
+            else:
+                (items,) = _built(payload)
         except RemoteExecError as exc:
             # The consumer sees the error now; the server is told to stop, and
             # whatever it still sends for this stream is dropped.
@@ -561,3 +737,17 @@ _RECEIVERS = {
     (Side.CLIENT, KIND_OF[StreamEnd]): RpcConnection._on_stream_end,
     (Side.CLIENT, KIND_OF[Close]): RpcConnection._on_close,
 }
+
+# What ``decode`` builds ahead, by (side, kind): the payload a handler would build.
+_PAYLOADS = {
+    (Side.SERVER, KIND_OF[Call]): RpcConnection._prebuild_call,
+    (Side.CLIENT, KIND_OF[Result]): RpcConnection._prebuild_one,
+    (Side.CLIENT, KIND_OF[StreamItems]): RpcConnection._prebuild_one,
+}
+
+
+def _built(payload: Any) -> Any:
+    """A payload ``decode`` built, or the exception building it raised, raised now."""
+    if isinstance(payload, BaseException):
+        raise payload
+    return payload

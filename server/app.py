@@ -12,6 +12,10 @@
   dispatcher's statistics.
 * anything else: 404.
 
+Every request, websocket or HTTP, must name the daemon in its ``Host`` header
+(``HostAllowList``: loopback names, the bound address, ``--allow-host``), or
+it gets HTTP 403: a DNS-rebinding web page cannot reach a loopback daemon.
+
 ``RemoteExecApp.shutdown(grace)`` stops taking connections, gives in-flight
 calls ``grace`` seconds, then cancels what is left (callers get an error) and
 closes every websocket with code 1001.
@@ -22,16 +26,24 @@ which nothing at all arrives for ``idle_timeout`` (no message, no pong to the
 pings sent every ``ping_interval``) is dropped, which is how a client that
 vanished without a close frame is found; a websocket message is never buffered
 past ``max_message_size`` and permessage-deflate is always declined, so that
-no message is ever decompressed (``harden_hypercorn``, called by ``serve``).
-``docs/security.md`` lists every default.
+no message is ever decompressed; nothing of a connection (its socket, its
+buffers, its tasks) outlives it (``harden_hypercorn``, called by ``serve``).
+Every TCP connection passes a ``ConnectionGate``, which caps those that have
+not authenticated a websocket, and keeps them from exhausting the process's
+file descriptors. ``docs/security.md`` lists every default.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import ipaddress
 import json
 import logging
+import math
 import socket
+import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
 
@@ -53,8 +65,12 @@ __all__ = [
     "DEFAULT_HANDSHAKE_TIMEOUT",
     "DEFAULT_IDLE_TIMEOUT",
     "DEFAULT_MAX_CONNECTIONS",
+    "DEFAULT_MAX_PENDING_CONNECTIONS",
     "DEFAULT_PING_INTERVAL",
+    "FD_RESERVE",
     "ASGIWebSocketTransport",
+    "ConnectionGate",
+    "HostAllowList",
     "RemoteExecApp",
     "create_app",
     "harden_hypercorn",
@@ -63,6 +79,9 @@ __all__ = [
 ]
 
 logger = logging.getLogger("remote_exec.server")
+# What peers do before they authenticate (refused handshakes, dropped
+# connections): anyone can make it say a lot, so the daemon rate-limits it.
+peer_logger = logging.getLogger("remote_exec.server.peers")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]
@@ -70,6 +89,12 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
 DEFAULT_MAX_CONNECTIONS = 64
+# TCP connections that have not authenticated a websocket yet: past the cap,
+# the oldest of them is dropped to make room (see ``ConnectionGate``).
+DEFAULT_MAX_PENDING_CONNECTIONS = 128
+# File descriptors connections never take (of the process's RLIMIT_NOFILE):
+# the daemon's own, its instances' files, and the next accept.
+FD_RESERVE = 32
 # Runs of frames over CUT_ABOVE bytes go out cut into equal messages of at
 # most MESSAGE_CHUNK bytes (see ``_messages``).
 CUT_ABOVE = 4 * 1024 * 1024
@@ -197,6 +222,203 @@ def _messages(pieces: Sequence[bytes | memoryview]) -> Iterator[bytes]:
         yield bytes(chunk)
 
 
+class _Admitted:
+    """One TCP connection, as ``ConnectionGate`` tracks it."""
+
+    __slots__ = ("close", "dropped", "key", "peer", "released")
+
+    def __init__(self, peer: tuple[str, int] | None, close: Callable[[], object]) -> None:
+        self.peer = peer
+        self.key: object = peer if peer is not None else self
+        self.close = close
+        self.dropped = False  # closed by the gate, to make room
+        self.released = False  # its socket is closed, and hypercorn is done with it
+
+
+class ConnectionGate:
+    """Every TCP connection hypercorn serves, from accept to close, and a cap on
+    the *pending* ones: those that have not (yet) authenticated a websocket.
+
+    Before the token is checked anyone can open connections, and each holds a
+    file descriptor until its handshake times out. Past ``max_pending``, or
+    when the connections would take the last ``fd_reserve`` descriptors of the
+    process's limit, the oldest pending connection is dropped to make room for
+    the new one: a flood of silent or slow sockets then costs each of them its
+    place within moments, a client that completes its handshake promptly still
+    gets in, and authenticated connections are never touched. Were the
+    descriptors exhausted all the same (``accept`` failing with EMFILE), the
+    oldest pending connection goes too.
+
+    asyncio accepts up to 100 connections in a row, and only a few loop
+    iterations later does each reach hypercorn (``admit``): its listening
+    socket asks ``before_accept`` first, which counts the sockets accepted and
+    not yet admitted, and makes room before the descriptors run out.
+    """
+
+    def __init__(
+        self, max_pending: int, *, fd_reserve: int = FD_RESERVE, stale_after: float = 30.0
+    ) -> None:
+        if max_pending < 1:
+            raise ValueError("max_pending must be at least 1")
+        self.max_pending = max_pending
+        self.fd_reserve = fd_reserve
+        self.stale_after = stale_after
+        self._pending: dict[object, _Admitted] = {}  # oldest first
+        self._open = 0  # admitted connections not released yet (closing ones included)
+        self._closing = 0  # of those, the ones dropped: their descriptors are on their way
+        # When each socket accepted through ``before_accept`` and not admitted
+        # yet was accepted; one that never is (a failed TLS handshake under
+        # asyncio) stops counting after ``stale_after`` seconds.
+        self._accepting: deque[float] = deque()
+        self.dropped = 0  # pending connections dropped to make room, in all
+        self._last_exhausted = -math.inf
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    @property
+    def open(self) -> int:
+        """Sockets held: admitted and not released, or accepted and not admitted yet."""
+        return self._open + len(self._accepting)
+
+    def admit(self, peer: tuple[str, int] | None, close: Callable[[], object]) -> _Admitted:
+        """A connection was accepted: track it, and make room if needed.
+
+        Args:
+            peer: its (host, port) as the ASGI scope's ``client`` will say it.
+            close: closes its socket at once (a sync call).
+        """
+        entry = _Admitted(peer, close)
+        if self._accepting:
+            self._accepting.popleft()
+        older = self._pending.pop(entry.key, None)
+        if older is not None:  # its port was reused before it was released
+            older.key = older
+            self._pending[older] = older
+        self._pending[entry.key] = entry
+        self._open += 1
+        budget = self.descriptor_budget()
+        while len(self._pending) > 1:
+            if len(self._pending) > self.max_pending:
+                why = f"more than {self.max_pending} connections had not authenticated"
+            elif self.open - self._closing > budget:
+                why = self._short_of_descriptors(budget)
+            else:
+                break
+            self._drop(next(iter(self._pending.values())), why)
+        return entry
+
+    def before_accept(self) -> bool:
+        """The listening socket is about to accept. False (accept nothing now,
+        the event loop tries again next round) while the descriptors are short
+        and room is on its way: dropped sockets still closing, or, with none,
+        the oldest pending connection dropped now, or sockets accepted a moment
+        ago that will be pending once admitted. With every connection
+        authenticated: True (the reserve is there for that)."""
+        now = time.monotonic()
+        while self._accepting and now - self._accepting[0] > self.stale_after:
+            self._accepting.popleft()
+        budget = self.descriptor_budget()
+        if self.open >= budget:
+            if self._closing or self._accepting:
+                return False
+            if self._pending:
+                self._drop(next(iter(self._pending.values())), self._short_of_descriptors(budget))
+                return False
+        self._accepting.append(now)
+        return True
+
+    def not_accepted(self) -> None:
+        """The accept that ``before_accept`` allowed found nothing (or failed)."""
+        if self._accepting:
+            self._accepting.pop()
+
+    def authenticated(self, peer: Any) -> None:
+        """The connection of ``peer`` (a scope's ``client``) authenticated a websocket."""
+        if peer:
+            self._pending.pop(tuple(peer), None)
+
+    def release(self, entry: _Admitted) -> None:
+        """The connection is over: its socket is closed."""
+        if entry.released:
+            return
+        entry.released = True
+        if self._pending.get(entry.key) is entry:
+            del self._pending[entry.key]
+        self._open -= 1
+        if entry.dropped:
+            self._closing -= 1
+
+    def descriptors_exhausted(self) -> None:
+        """``accept`` failed for want of file descriptors: drop the oldest pending connection
+        (at most one every 50 ms: asyncio reports each of many failed accepts in a row)."""
+        now = time.monotonic()
+        if now - self._last_exhausted < 0.05:
+            return
+        self._last_exhausted = now
+        if self._pending:
+            self._drop(next(iter(self._pending.values())), "no file descriptors left")
+        else:
+            peer_logger.warning(
+                "cannot accept connections: no file descriptors left, and every open "
+                "connection has authenticated"
+            )
+
+    def descriptor_budget(self) -> float:
+        """How many connections may hold a socket at once: the process's
+        file-descriptor limit, less ``fd_reserve``."""
+        try:
+            import resource
+        except ImportError:  # pragma: no cover - not on this platform
+            return math.inf
+        soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft == resource.RLIM_INFINITY:
+            return math.inf
+        return max(1, soft - self.fd_reserve)
+
+    def _short_of_descriptors(self, budget: float) -> str:
+        return f"file descriptors are short ({self.open} connections, room for {budget:g})"
+
+    def _drop(self, entry: _Admitted, why: str) -> None:
+        del self._pending[entry.key]
+        entry.dropped = True
+        self._closing += 1
+        self.dropped += 1
+        peer = f"{entry.peer[0]}:{entry.peer[1]}" if entry.peer else "?"
+        peer_logger.warning("dropped connection from %s before authentication: %s", peer, why)
+        with contextlib.suppress(Exception):  # already closing: nothing left to do
+            entry.close()
+
+    def statistics(self) -> dict[str, int]:
+        return {"pending": len(self._pending), "open": self.open, "dropped": self.dropped}
+
+
+class _GatedListener(socket.socket):
+    """The daemon's listening socket under asyncio: each ``accept`` asks the gate first.
+
+    (trio accepts one connection at a time, and each reaches
+    ``ConnectionGate.admit`` at once; it also wants a plain socket.)
+    """
+
+    gate: ConnectionGate
+
+    @classmethod
+    def adopt(cls, sock: socket.socket, gate: ConnectionGate) -> _GatedListener:
+        listener = cls(sock.family, sock.type, sock.proto, fileno=sock.detach())
+        listener.gate = gate
+        return listener
+
+    def accept(self) -> tuple[socket.socket, Any]:
+        if not self.gate.before_accept():
+            raise BlockingIOError(errno.EAGAIN, "making room: accept again later")
+        try:
+            return super().accept()
+        except OSError:
+            self.gate.not_accepted()
+            raise
+
+
 class _Websocket:
     """An accepted websocket, as the app tracks it (to cancel it on shutdown)."""
 
@@ -217,16 +439,24 @@ class RemoteExecApp:
         *,
         token: str | None,
         allowed_origins: Sequence[str] = (),
+        allowed_hosts: Iterable[str] = (),
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
+        max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
         limits: Limits | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if max_pending_connections < 1:
+            raise ValueError("max_pending_connections must be at least 1")
         self.dispatcher = dispatcher
         self.limits = limits or Limits()
         self.max_connections = max_connections
+        self.max_pending_connections = max_pending_connections
+        # Set by ``serve``: the gate every TCP connection passes.
+        self.gate: ConnectionGate | None = None
         self._token = token
         self._origins = frozenset(origin.rstrip("/").lower() for origin in allowed_origins)
+        self.hosts = HostAllowList(allowed_hosts)
         self._connections: set[_Websocket] = set()
         self._closing = False
         self._dispatcher_closed = False
@@ -280,6 +510,15 @@ class RemoteExecApp:
             return 401, "missing token: send it as an 'Authorization: Bearer <token>' header"
         return 401, "invalid token"
 
+    def _host_refused(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+        """A ``Host`` off the allow-list: the request came through a name that
+        is not this daemon's (a DNS-rebinding page reaching a loopback daemon)."""
+        host = headers.get(b"host")
+        if host is None or self.hosts.allows(host):  # no Host: HTTP/1.0, not a browser
+            return None
+        name = _host_name(host.decode("latin-1"))
+        return 403, f"host {name!r} is not allowed (see --allow-host)"
+
     def _origin_refused(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
         origin = headers.get(b"origin")
         if origin is None:  # not a browser
@@ -296,15 +535,21 @@ class RemoteExecApp:
             return
         headers = _headers(scope)
         peer = _peer(scope)
-        refusal = self._origin_refused(headers) or self._authorized(headers)
+        refusal = (
+            self._host_refused(headers)
+            or self._origin_refused(headers)
+            or self._authorized(headers)
+        )
         if refusal is None and self._closing:
             refusal = 503, "the server is shutting down"
         if refusal is None and len(self._connections) >= self.max_connections:
             refusal = 503, f"too many connections (the cap is {self.max_connections})"
         if refusal is not None:
-            logger.warning("refused websocket from %s: %s", peer or "?", refusal[1])
+            peer_logger.warning("refused websocket from %s: %s", peer or "?", refusal[1])
             await _deny(scope, send, *refusal)
             return
+        if self.gate is not None:
+            self.gate.authenticated(scope.get("client"))
         transport = ASGIWebSocketTransport(receive, send, max_size=self.limits.max_message_size)
         connection = _Websocket(transport, peer)
         self._connections.add(connection)  # before any await: the cap holds
@@ -326,6 +571,11 @@ class RemoteExecApp:
     async def _http(self, scope: Scope, send: Send) -> None:
         method = scope.get("method", "GET")
         path = scope.get("path", "/").rstrip("/") or "/"
+        refused = self._host_refused(_headers(scope))
+        if refused is not None:
+            peer_logger.warning("refused HTTP request from %s: %s", _peer(scope) or "?", refused[1])
+            await _json(send, refused[0], {"error": refused[1]}, method)
+            return
         if path not in ("/health", "/instances"):
             await _json(send, 404, {"error": "not found"}, method)
             return
@@ -384,7 +634,10 @@ class RemoteExecApp:
             connection.cancel_scope.cancel()
 
     def statistics(self) -> dict[str, Any]:
-        return {"connections": len(self._connections), "closing": self._closing}
+        stats: dict[str, Any] = {"connections": len(self._connections), "closing": self._closing}
+        if self.gate is not None:
+            stats["tcp"] = self.gate.statistics()
+        return stats
 
 
 def create_app(
@@ -392,7 +645,9 @@ def create_app(
     *,
     token: str | None,
     allowed_origins: Sequence[str] = (),
+    allowed_hosts: Iterable[str] = (),
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
+    max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
     limits: Limits | None = None,
 ) -> RemoteExecApp:
     """The ASGI app serving ``dispatcher``.
@@ -402,16 +657,90 @@ def create_app(
         token: the bearer token clients must send (None: no authentication).
         allowed_origins: browser origins allowed to connect (``"*"``: any);
             requests without an ``Origin`` header (non-browser clients) pass.
+        allowed_hosts: names a request's ``Host`` header may give besides the
+            loopback ones (see ``HostAllowList``); the daemon passes the
+            address it is bound to and each ``--allow-host``.
         max_connections: websocket connections served at once.
+        max_pending_connections: TCP connections that have not authenticated
+            yet (see ``ConnectionGate``).
         limits: ``max_message_size`` caps incoming messages.
     """
     return RemoteExecApp(
         dispatcher,
         token=token,
         allowed_origins=allowed_origins,
+        allowed_hosts=allowed_hosts,
         max_connections=max_connections,
+        max_pending_connections=max_pending_connections,
         limits=limits,
     )
+
+
+class HostAllowList:
+    """The names a request's ``Host`` header may give (its port aside).
+
+    Always allowed: the loopback names (``localhost`` and ``*.localhost``,
+    which browsers resolve themselves, and loopback IP literals). Besides
+    them, ``names``: host names and IP literals, compared case-insensitively;
+    a wildcard address (``0.0.0.0``, ``::``) allows every IP literal (a
+    daemon bound to every address is reached through any of its own, and a
+    page cannot rebind an IP literal); ``"*"`` allows everything.
+
+    A page that rebinds its own DNS name to 127.0.0.1 talks to a loopback
+    daemon as if it were its own origin, but its requests carry its name in
+    ``Host``: refusing names that are not the daemon's stops it.
+    """
+
+    def __init__(self, names: Iterable[str] = ()) -> None:
+        self.any_host = False
+        self.any_ip = False
+        allowed: set[str] = set()
+        for raw in names:
+            name = _host_name(raw)
+            if name == "*":
+                self.any_host = True
+            elif name in ("0.0.0.0", "::"):  # a wildcard bind's address
+                self.any_ip = True
+            elif name:
+                allowed.add(name)
+        self.names = frozenset(allowed)
+
+    def allows(self, host: bytes | str) -> bool:
+        """Whether a ``Host`` header value (``name``, ``name:port``, ``[v6]:port``) passes."""
+        text = host.decode("latin-1") if isinstance(host, bytes) else host
+        name = _host_name(text)
+        if not name:
+            return False
+        if self.any_host or name in self.names:
+            return True
+        if name == "localhost" or name.endswith(".localhost"):
+            return True
+        try:
+            address = ipaddress.ip_address(name)
+        except ValueError:
+            return False
+        return address.is_loopback or self.any_ip
+
+    def describe(self) -> str:
+        """The allow-list, for the start-up log."""
+        if self.any_host:
+            return "any"
+        parts = ["loopback names"]
+        if self.any_ip:
+            parts.append("any IP address")
+        parts.extend(sorted(self.names))
+        return ", ".join(parts)
+
+
+def _host_name(host: str) -> str:
+    """The name in a ``Host`` value, lower-case, without its port and a final dot."""
+    text = host.strip().lower()
+    if text.startswith("["):  # [v6] or [v6]:port
+        inside, bracket, _ = text[1:].partition("]")
+        return inside if bracket else ""
+    if text.count(":") == 1:  # name:port (a bare v6 address has more colons)
+        text = text.partition(":")[0]
+    return text.rstrip(".")
 
 
 def _headers(scope: Scope) -> dict[bytes, bytes]:
@@ -535,6 +864,9 @@ async def serve(
     in-flight calls get ``grace`` seconds, then the rest are cancelled and
     every connection closed); only then does hypercorn stop, waiting at most
     ``config.graceful_timeout`` for what is left of its connections.
+
+    Every TCP connection passes through a ``ConnectionGate`` (``app.gate``)
+    that caps those not yet authenticated at ``app.max_pending_connections``.
     """
 
     async def drained() -> None:
@@ -542,17 +874,40 @@ async def serve(
         await app.shutdown(grace)
 
     harden_hypercorn()
+    gate = app.gate = ConnectionGate(
+        app.max_pending_connections,
+        stale_after=2 * (config.ssl_handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT),
+    )
+    setattr(config, _GATE, gate)
     asgi = cast(Any, app)
     if is_trio():
         from hypercorn.trio import serve as trio_serve
 
-        await trio_serve(asgi, config, shutdown_trigger=drained, mode="asgi")
+        accept_errors = _TrioAcceptErrors(gate)
+        trio_logger = logging.getLogger("trio.serve_listeners")
+        trio_logger.addFilter(accept_errors)
+        try:
+            await trio_serve(asgi, config, shutdown_trigger=drained, mode="asgi")
+        finally:
+            trio_logger.removeFilter(accept_errors)
         return
+    # asyncio accepts through the listening socket's ``accept`` method (trio
+    # through the base class's, and wants a plain socket): there the gate
+    # makes room before the descriptors run out.
+    create_sockets = config.create_sockets
+
+    def gated_sockets() -> Any:
+        sockets = create_sockets()
+        for group in (sockets.secure_sockets, sockets.insecure_sockets):
+            group[:] = [_GatedListener.adopt(sock, gate) for sock in group]
+        return sockets
+
+    config.create_sockets = gated_sockets  # type: ignore[method-assign]
     # hypercorn's asyncio worker leaves its task with a pending cancellation
     # (CPython 3.11's TaskGroup does not undo the cancel it sends its parent
     # once it started exiting): give it a task of its own.
     async with anyio.create_task_group() as task_group:
-        task_group.start_soon(_serve_asyncio, asgi, config, drained)
+        task_group.start_soon(_serve_asyncio, asgi, config, drained, gate)
 
 
 class _DeclinedDeflate(PerMessageDeflate):
@@ -573,12 +928,15 @@ class _CappedWebsocketBuffer(WebsocketBuffer):
     after it has closed with 1009 it goes on feeding the rest of the message
     (a frame may claim 2**63 bytes) into the same buffer: a client that keeps
     sending would fill the daemon's memory. Here a chunk that would pass the
-    cap is dropped, and so is every later one.
+    cap is dropped, and so is every later one; what was buffered of that
+    message is freed at once (it will never be delivered), not when the
+    connection object goes.
     """
 
     def extend(self, event: WSMessage[Any]) -> None:
         if self.length + len(event.data) > self.max_length:
             self.length = self.max_length + 1  # stays over: later chunks are dropped too
+            self.value = None
             raise FrameTooLargeError()
         super().extend(event)
 
@@ -595,6 +953,8 @@ def harden_hypercorn() -> None:
       which is what remote-exec's binary frames want anyway.
     * Size cap: ``WebsocketBuffer`` of the same module becomes a subclass that
       never grows past ``websocket_max_message_size`` (see above).
+    * Lingering connections: nothing of a websocket outlives it, and a 1009
+      close does not leave the connection half-open (``_harden_ws_streams``).
 
     Raises:
         RuntimeError: this hypercorn builds its websockets another way: refuse
@@ -603,9 +963,15 @@ def harden_hypercorn() -> None:
     from hypercorn.protocol import ws_stream
 
     names = vars(ws_stream)
-    if names.get("PerMessageDeflate") not in (PerMessageDeflate, _DeclinedDeflate) or names.get(
-        "WebsocketBuffer"
-    ) not in (WebsocketBuffer, _CappedWebsocketBuffer):
+    stream = names.get("WSStream")
+    if (
+        names.get("PerMessageDeflate") not in (PerMessageDeflate, _DeclinedDeflate)
+        or names.get("WebsocketBuffer") not in (WebsocketBuffer, _CappedWebsocketBuffer)
+        or not all(
+            callable(getattr(stream, name, None))
+            for name in ("handle", "app_send", "_send_pings", "_send_wsproto_event")
+        )
+    ):
         raise RuntimeError(
             "this hypercorn version builds its websockets in an unknown way: cannot turn "
             "off compression and cap message buffers (see remote_exec.server.app)"
@@ -613,6 +979,8 @@ def harden_hypercorn() -> None:
     names["PerMessageDeflate"] = _DeclinedDeflate
     names["WebsocketBuffer"] = _CappedWebsocketBuffer
     _harden_trio_sends()
+    _harden_ws_streams()
+    _gate_connections()
 
 
 def _harden_trio_sends() -> None:
@@ -642,8 +1010,274 @@ def _harden_trio_sends() -> None:
     tcp_server.TCPServer.protocol_send = protocol_send  # type: ignore[method-assign]
 
 
+class _StreamGuard:
+    """What the daemon keeps beside each of hypercorn's websocket streams."""
+
+    __slots__ = ("app_done", "closed", "hanging_up", "put_scopes", "refusing")
+
+    def __init__(self) -> None:
+        self.closed = anyio.Event()  # the stream is over: its ping task returns at once
+        self.app_done = False  # the app has returned: nothing it would receive is kept
+        self.put_scopes: set[anyio.CancelScope] = set()  # puts waiting for room in the queue
+        self.hanging_up = False  # a 1009 close went out: the peer's time to hang up runs
+        self.refusing = False  # hypercorn answers the handshake itself: the app may not
+
+
+def _guard(stream: Any) -> _StreamGuard:
+    guard: _StreamGuard | None = stream.__dict__.get("_remote_exec_guard")
+    if guard is None:
+        guard = stream._remote_exec_guard = _StreamGuard()
+    return guard
+
+
+async def _dropped(message: Message) -> None:
+    """The app's queue once the app has returned: what would go there is dropped."""
+
+
+def _guarded_put(guard: _StreamGuard, put: Callable[[Message], Awaitable[None]]) -> Send:
+    """``put`` (the app's bounded receive queue), but never stuck once the app has returned.
+
+    hypercorn puts every received message, and then the disconnect, into a
+    queue of ``max_app_queue_size`` that only the app reads; a put into a full
+    queue waits for the app. Once the app has returned, a put would wait
+    forever, with the connection's reading task and the queued messages
+    (each up to the size cap) held with it: such puts return at once instead.
+    """
+    import asyncio
+
+    import trio
+
+    owner = getattr(put, "__self__", None)
+
+    async def guarded(message: Message) -> None:
+        if guard.app_done:
+            return
+        # With room in the queue, a put is what the queue's own would do.
+        if isinstance(owner, asyncio.Queue):
+            try:
+                owner.put_nowait(message)  # asyncio's put does not yield then either
+            except asyncio.QueueFull:
+                pass
+            else:
+                return
+        elif isinstance(owner, trio.MemorySendChannel):
+            try:
+                owner.send_nowait(message)
+            except trio.WouldBlock:
+                pass
+            else:
+                await trio.lowlevel.cancel_shielded_checkpoint()  # as trio's send does
+                return
+        with anyio.CancelScope() as scope:
+            guard.put_scopes.add(scope)
+            try:
+                await put(message)
+            finally:
+                guard.put_scopes.discard(scope)
+
+    return guarded
+
+
+async def _hang_up_after_too_big(stream: Any, guard: _StreamGuard) -> None:
+    """After a 1009 close, the peer gets the handshake timeout to hang up;
+    then its connection is dropped (and the app told) all the same."""
+    from hypercorn.protocol.events import StreamClosed
+
+    with anyio.move_on_after(stream.config.keep_alive_timeout):
+        await guard.closed.wait()
+    if not stream.closed:
+        await stream.send(StreamClosed(stream_id=stream.stream_id))
+
+
+def _harden_ws_streams() -> None:
+    """Free each websocket's buffers, tasks and socket when it ends, not later.
+
+    * hypercorn's ping task sleeps out its interval before it sees that its
+      stream has closed, and the connection's task group (so its socket, left
+      in CLOSE-WAIT, and the stream with its message buffer) waits for it:
+      every connection that ended lingered up to ``ping_interval`` while the
+      app, told it was over, no longer counted it. The task now returns as
+      soon as the stream closes, and the stream's buffer is cleared then.
+    * After a 1009 close the peer's end stays open until it hangs up (the
+      rest of an endless message is read and dropped, never buffered): it
+      gets the handshake timeout to do so, then the connection is dropped.
+    * Once the app has returned, the app's receive queue takes nothing more
+      (``_guarded_put``).
+    * A handshake hypercorn refuses itself (a websocket request over HTTP/1.0,
+      data sent before the upgrade was answered) is answered and the
+      connection closed, and an app already started for it is told: it used
+      to wait for a message forever, holding a place under the connection cap.
+    """
+    from hypercorn.protocol import ws_stream
+    from hypercorn.protocol.events import Body, Data, Request, StreamClosed
+
+    cls: Any = ws_stream.WSStream
+    if getattr(cls.handle, "_remote_exec_hardened", False):
+        return
+    original_handle = cls.handle
+    original_app_send = cls.app_send
+
+    async def handle(self: Any, event: Any) -> None:
+        guard = _guard(self)
+        if (
+            isinstance(event, (Body, Data))
+            and not self.closed
+            and self.state is ws_stream.ASGIWebsocketState.HANDSHAKE
+            and not self.handshake.accepted
+        ):
+            # Data before the upgrade was answered: hypercorn answers 400
+            # itself, and the app's own answer (which may come while that one
+            # is being sent) would be a second response: h11 raises, and under
+            # trio that took the whole server down.
+            guard.refusing = True
+        await original_handle(self, event)
+        if isinstance(event, Request) and self.app_put is not None and not guard.app_done:
+            self.app_put = _guarded_put(guard, self.app_put)
+        if self.closed:
+            if not guard.closed.is_set():
+                self.buffer.clear()
+                guard.closed.set()
+                if not isinstance(event, StreamClosed):
+                    # hypercorn refused the handshake itself (400, 404) and
+                    # stopped there, leaving the connection open with no timer
+                    # but the idle timeout, and an app it had started (data
+                    # sent before the upgrade's answer) never told: end both.
+                    if self.app_put is not None:
+                        await self.app_put({"type": "websocket.disconnect", "code": 1006})
+                    await self.send(StreamClosed(stream_id=self.stream_id))
+        elif self.buffer.length > self.buffer.max_length and not guard.hanging_up:
+            guard.hanging_up = True
+            self.task_group.spawn(_hang_up_after_too_big, self, guard)
+
+    async def app_send(self: Any, message: Message | None) -> None:
+        guard = _guard(self)
+        if message is None:  # the app has returned
+            guard.app_done = True
+            if self.app_put is not None:
+                self.app_put = _dropped
+            for scope in guard.put_scopes:
+                scope.cancel()
+        if guard.refusing:
+            return
+        await original_app_send(self, message)
+
+    async def send_pings(self: Any) -> None:
+        from wsproto.events import Ping
+
+        guard = _guard(self)
+        while not self.closed:
+            await self._send_wsproto_event(Ping())
+            with anyio.move_on_after(self.config.websocket_ping_interval):
+                await guard.closed.wait()
+
+    for patched in (handle, app_send, send_pings):
+        cast(Any, patched)._remote_exec_hardened = True
+    cls.handle = handle
+    cls.app_send = app_send
+    cls._send_pings = send_pings
+
+
+# The config attribute through which the patched TCP servers find their gate.
+_GATE = "_remote_exec_gate"
+
+
+def _gate_connections() -> None:
+    """Make hypercorn's TCP servers (asyncio's and trio's) report every
+    connection to the ``ConnectionGate`` of their config, if it has one."""
+    from hypercorn.asyncio import tcp_server as asyncio_server
+    from hypercorn.trio import tcp_server as trio_server
+
+    _gate_run(asyncio_server.TCPServer, _asyncio_socket)
+    _gate_run(trio_server.TCPServer, _trio_socket)
+
+
+def _asyncio_socket(server: Any) -> tuple[socket.socket, Callable[[], object]]:
+    writer = server.writer
+    return writer.get_extra_info("socket"), writer.transport.abort
+
+
+def _trio_socket(server: Any) -> tuple[Any, Callable[[], object]]:
+    try:
+        sock = server.stream.transport_stream.socket  # TLS
+    except AttributeError:
+        sock = server.stream.socket
+    return sock, sock.close
+
+
+def _gate_run(cls: Any, socket_of: Callable[[Any], tuple[Any, Callable[[], object]]]) -> None:
+    """Report each connection of ``cls`` (a hypercorn ``TCPServer``) to its gate,
+    and let it end as soon as its socket is done.
+
+    hypercorn stops a connection's keep-alive timer only when it finished a
+    request: one that ends before (a silent socket that hangs up, one the gate
+    dropped, a handshake cut short) kept its task, and under asyncio its
+    socket, in CLOSE-WAIT, until the timer ran out. Once nothing more can be
+    read, the timer is stopped, and the connection ends at once.
+    """
+    from hypercorn.utils import parse_socket_addr
+
+    original = cls.run
+    if getattr(original, "_remote_exec_hardened", False):
+        return
+    original_read_data = cls._read_data
+
+    async def read_data(self: Any) -> None:
+        await original_read_data(self)
+        await self.idle_task.stop()
+
+    async def run(self: Any) -> None:
+        gate: ConnectionGate | None = getattr(self.config, _GATE, None)
+        if gate is None:  # hypercorn serving something else in this process
+            await original(self)
+            return
+        sock, close = socket_of(self)
+        try:
+            peer = parse_socket_addr(sock.family, sock.getpeername())
+        except OSError:  # gone already
+            peer = None
+        entry = gate.admit(peer, close)
+        try:
+            await original(self)
+        except Exception as exc:
+            # Never let one connection's failure reach the server (under trio
+            # it would cancel every connection). One the gate dropped may
+            # raise for being closed under hypercorn's feet: it is gone anyway.
+            if not entry.dropped:
+                where = f"{peer[0]}:{peer[1]}" if peer else "?"
+                peer_logger.warning("connection from %s failed in the server: %r", where, exc)
+                logger.debug("connection from %s failed in the server", where, exc_info=True)
+        finally:
+            gate.release(entry)
+
+    run._remote_exec_hardened = True  # type: ignore[attr-defined]
+    cls.run = run
+    cls._read_data = read_data
+
+
+class _TrioAcceptErrors(logging.Filter):
+    """trio's accept loop logs a traceback every 100 ms while file descriptors are
+    exhausted: each becomes a (rate-limited) warning, and makes room."""
+
+    def __init__(self, gate: ConnectionGate) -> None:
+        super().__init__()
+        self.gate = gate
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, OSError) and exc.errno in _OUT_OF_RESOURCES:
+            self.gate.descriptors_exhausted()
+            return False
+        return True
+
+
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
 async def _serve_asyncio(
-    asgi: Any, config: Config, shutdown_trigger: Callable[[], Awaitable[None]]
+    asgi: Any,
+    config: Config,
+    shutdown_trigger: Callable[[], Awaitable[None]],
+    gate: ConnectionGate,
 ) -> None:
     import asyncio
 
@@ -660,10 +1294,21 @@ async def _serve_asyncio(
     previous = loop.get_exception_handler()
 
     def handler(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+        exception = context.get("exception")
         # hypercorn cancels connection tasks that outlive ``graceful_timeout``
         # (a websocket keepalive task sleeping out its interval); asyncio then
         # reports the cancellation as an error. It is not one.
-        if drained and isinstance(context.get("exception"), asyncio.CancelledError):
+        if drained and isinstance(exception, asyncio.CancelledError):
+            return
+        # asyncio reports (with a traceback) each of up to 100 failed accepts
+        # in a row, every second, while file descriptors are exhausted: make
+        # room instead, and say so in a (rate-limited) warning.
+        if (
+            isinstance(exception, OSError)
+            and exception.errno in _OUT_OF_RESOURCES
+            and "accept" in str(context.get("message", ""))
+        ):
+            gate.descriptors_exhausted()
             return
         if previous is not None:
             previous(loop, context)

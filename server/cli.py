@@ -5,10 +5,11 @@
     remote-exec serve --host 127.0.0.1 --port 8765 [--allow-module PATTERN ...]
         [--allow-import-from-main] [--path DIR ...] [--token-file F | --no-auth]
         [--certfile F --keyfile F] [--insecure] [--backend asyncio|trio]
-        [--allowed-origin O ...] [--grace S] [--ping-interval S] [--log-level L]
-        [--max-message-size SIZE] [--max-buffers N] [--max-depth N] [--max-calls N]
-        [--max-queued-items N] [--max-queued-events N] [--max-instances N]
-        [--max-server-instances N] [--max-connections N]
+        [--allowed-origin O ...] [--allow-host NAME ...] [--grace S] [--ping-interval S]
+        [--log-level L]
+        [--max-message-size SIZE] [--max-buffers N] [--max-depth N] [--max-elements N]
+        [--max-calls N] [--max-queued-items N] [--max-queued-events N] [--max-instances N]
+        [--max-server-instances N] [--max-connections N] [--max-pending-connections N]
         [--handshake-timeout S] [--idle-timeout S] [--create-timeout S]
     remote-exec --version
 
@@ -34,15 +35,20 @@ are shown, and accepted, as ``128MiB``, ``64KiB``, ``1GiB`` or plain bytes).
 Safety: binds 127.0.0.1 unless told; a non-loopback address needs TLS
 (``--certfile``/``--keyfile``) or an explicit ``--insecure`` (else exit code 2);
 a token is required unless ``--no-auth``: from ``--token-file``, else
-``REMOTE_EXEC_TOKEN``, else the per-user token file (created if missing).
+``REMOTE_EXEC_TOKEN``, else the per-user token file (created if missing); a
+request's ``Host`` must be a loopback name, the bound address or an
+``--allow-host`` (else HTTP 403: a DNS-rebinding page cannot reach the daemon).
+What peers do before they authenticate is logged at a bounded rate.
 
 Limits: every one is finite, has a default and a flag (``remote-exec serve
 --help`` lists them; ``docs/security.md`` explains each and a test keeps that
 page equal to these defaults).
 
 SIGINT/SIGTERM: stop accepting, give in-flight calls ``--grace`` seconds, then
-cancel them (their callers get an error), exit code 0. A second signal exits
-at once (code 1).
+cancel them (their callers get an error), exit code 0. A running sync method
+cannot be cancelled: the daemon waits up to 5 s more for it (the dispatcher's
+close grace) before it exits anyway, so with one stuck the exit takes about
+``--grace`` + 5 s. A second signal exits at once (code 1).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ import re
 import signal
 import socket
 import sys
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -71,7 +78,9 @@ from .app import (
     DEFAULT_HANDSHAKE_TIMEOUT,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_PENDING_CONNECTIONS,
     DEFAULT_PING_INTERVAL,
+    HostAllowList,
     RemoteExecApp,
     create_app,
     hypercorn_config,
@@ -157,6 +166,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="browser Origin allowed to connect (repeatable; '*' for any) "
         "(default: none, every browser page is refused)",
     )
+    net.add_argument(
+        "--allow-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="a name clients may reach the daemon by, checked against each request's Host "
+        "header, e.g. the machine's DNS name (repeatable; '*' for any); other names get "
+        "HTTP 403, so a DNS-rebinding web page cannot reach the daemon (default: the "
+        "loopback names and the bound address; a wildcard bind allows every IP address)",
+    )
 
     auth = parser.add_argument_group("authentication").add_mutually_exclusive_group()
     auth.add_argument(
@@ -200,8 +219,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     caps = parser.add_argument_group(
         "limits",
-        "Every limit is finite; clients should use the same message size, buffer "
-        "and depth caps (remote_exec.protocol.Limits).",
+        "Every limit is finite; clients should use the same message size, buffer, "
+        "depth and element caps (remote_exec.protocol.Limits).",
     )
     defaults = Limits()
     caps.add_argument(
@@ -225,6 +244,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.max_depth,
         metavar="N",
         help="nesting depth of a value (default %(default)s)",
+    )
+    caps.add_argument(
+        "--max-elements",
+        type=_int_at_least(1024),
+        default=defaults.max_elements,
+        metavar="N",
+        help="values in one message (array items and map entries, nested ones too), "
+        "counted before decoding; a message with more closes its connection "
+        "(default %(default)s)",
     )
     caps.add_argument(
         "--max-calls",
@@ -273,6 +301,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="websocket connections at once; more are refused with HTTP 503 (default %(default)s)",
     )
     caps.add_argument(
+        "--max-pending-connections",
+        type=_int_at_least(1),
+        default=DEFAULT_MAX_PENDING_CONNECTIONS,
+        metavar="N",
+        help="TCP connections that have not authenticated a websocket yet (handshakes under "
+        "way, plain HTTP requests); past it, or when file descriptors run short, the oldest "
+        "of them is dropped for the newcomer (default %(default)s)",
+    )
+    caps.add_argument(
         "--handshake-timeout",
         type=_seconds(allow_zero=False),
         default=DEFAULT_HANDSHAKE_TIMEOUT,
@@ -310,7 +347,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         type=_seconds(allow_zero=True),
         default=DEFAULT_GRACE,
         metavar="SECONDS",
-        help="on SIGINT/SIGTERM, time given to in-flight calls (default %(default)g)",
+        help="on SIGINT/SIGTERM, time given to in-flight calls; then they are cancelled, and "
+        "a sync method, which cannot be, gets up to 5 s more before the daemon exits "
+        "(default %(default)g)",
     )
     run.add_argument(
         "--ping-interval",
@@ -334,6 +373,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         max_message_size=args.max_message_size,
         max_buffers=args.max_buffers,
         max_depth=args.max_depth,
+        max_elements=args.max_elements,
         max_calls=args.max_calls,
         max_credit=args.max_credit,
         max_instances=args.max_instances,
@@ -546,16 +586,65 @@ def _extend_sys_path(paths: Sequence[str]) -> list[str]:
     return added
 
 
-def _summary(args: argparse.Namespace, import_paths: Sequence[str]) -> str:
+def _summary(
+    args: argparse.Namespace, import_paths: Sequence[str], hosts: HostAllowList | None = None
+) -> str:
     """The one log line at start-up: what this daemon serves, and from where."""
     allowed = ", ".join(args.allow_module) or "none (no --allow-module: nothing can be created)"
-    return (
+    line = (
         f"remote-exec {version()} on {args.backend}; imports from {', '.join(import_paths)}; "
         f"allow-module: {allowed}; import from a client's __main__: "
         f"{'on' if args.allow_import_from_main else 'off'}; "
         f"max message size {format_size(args.max_message_size)}; "
         f"create timeout {args.create_timeout:g} s"
     )
+    if hosts is not None:
+        line += f"; hosts: {hosts.describe()}"
+    return line
+
+
+class _RateLimit(logging.Filter):
+    """At most ``burst`` records a ``period`` for each message of the loggers
+    that anyone who can connect can make talk: refusals and dropped
+    connections (``remote_exec.server.peers``), hypercorn, and the event
+    loops' accept errors. The first record after a quiet spell says how many
+    were left out; other loggers (calls, instances' own logging) pass.
+    """
+
+    LOGGERS = ("remote_exec.server.peers", "hypercorn", "asyncio", "trio")
+
+    def __init__(
+        self,
+        burst: int = 10,
+        period: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        super().__init__()
+        self.burst = burst
+        self.period = period
+        self.clock = clock
+        self._windows: dict[tuple[str, int, str], list[float]] = {}  # key: [start, count]
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        name = record.name
+        if not any(name == root or name.startswith(root + ".") for root in self.LOGGERS):
+            return True
+        key = (name, record.levelno, str(record.msg))
+        now = self.clock()
+        window = self._windows.get(key)
+        if window is not None and now - window[0] < self.period:
+            window[1] += 1
+            return window[1] <= self.burst
+        if len(self._windows) >= 1024:  # messages made up on the fly: forget the stale ones
+            self._windows = {k: w for k, w in self._windows.items() if now - w[0] < self.period}
+        self._windows[key] = [now, 1]
+        left_out = int(window[1]) - self.burst if window is not None else 0
+        if left_out > 0:
+            record.msg = (
+                f"{record.msg} (and {left_out} more like this in the {self.period:g} s "
+                "before, not logged)"
+            )
+        return True
 
 
 class _DropHypercornBanner(logging.Filter):
@@ -573,6 +662,9 @@ def run_serve(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     logging.getLogger("hypercorn.error").addFilter(_DropHypercornBanner())
+    rate_limit = _RateLimit()
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(rate_limit)
     tls = bool(args.certfile or args.keyfile)
     if tls and not (args.certfile and args.keyfile):
         raise _UsageError("TLS needs both --certfile and --keyfile")
@@ -625,6 +717,7 @@ def run_serve(args: argparse.Namespace) -> int:
         token=token,
         allowed_origins=args.allowed_origin,
         max_connections=args.max_connections,
+        max_pending_connections=args.max_pending_connections,
         limits=limits,
     )
     try:
@@ -632,10 +725,13 @@ def run_serve(args: argparse.Namespace) -> int:
     except OSError as exc:
         logger.error("cannot listen on %s:%s: %s", args.host, args.port, exc)
         return 1
+    # Requests must name this daemon: by a loopback name, the address it is
+    # bound to (and the name that was bound), or an --allow-host.
+    app.hosts = HostAllowList([args.host, sock.getsockname()[0], *args.allow_host])
     line = f"remote-exec serving on {_url(sock, tls)}"
     if token_path is not None:
         line += f" (token file: {token_path})"
-    summary = _summary(args, import_paths)
+    summary = _summary(args, import_paths, app.hosts)
 
     def announce() -> None:
         print(line, flush=True)  # the one line a parent process waits for

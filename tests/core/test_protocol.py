@@ -774,7 +774,11 @@ def test_traceback_text_of_the_failure_is_the_formatted_exception() -> None:
     pair.server.send_failure(sid, exc)
     (event,) = pair.to_client()
     assert isinstance(event, Failure)
-    assert event.traceback == "".join(traceback.format_exception(exc))
+    # Formatted as Python does, with this file named from its package down.
+    path = __file__
+    full = "".join(traceback.format_exception(exc))
+    assert event.traceback == full.replace(path, "tests/core/test_protocol.py")
+    assert path not in event.traceback
 
 
 def test_exact_result_frame() -> None:
