@@ -274,6 +274,16 @@ class RpcConnection:
             tree = codec.parse(frame.body)
         except CodecError as exc:
             raise ProtocolError(f"undecodable message: {exc}") from exc
+        stream_id, handler = self._envelope(tree)
+        handler(self, codec, stream_id, tree[2:], frame.buffers)
+
+    def _envelope(self, tree: Any) -> tuple[int, Callable[..., None]]:
+        """A decoded message's stream id and the receiver of its kind.
+
+        Raises:
+            ProtocolError: not ``[kind, stream_id, ...]``, or a kind this side
+                does not receive.
+        """
         if type(tree) is not list or len(tree) < 2 or type(tree[0]) is not int:
             raise ProtocolError("a message must be an array [kind, stream_id, ...]")
         kind, stream_id = tree[0], tree[1]
@@ -282,7 +292,7 @@ class RpcConnection:
         handler = _RECEIVERS.get((self.side, kind))
         if handler is None:
             raise ProtocolError(f"unexpected message kind {kind!r} for the {self.side.value}")
-        handler(self, codec, stream_id, tree[2:], frame.buffers)
+        return stream_id, handler
 
     def decode(self, data: bytes | bytearray | memoryview, start: int = 0) -> Decoded:
         """The first half of ``receive_frame``, for a large message: check,
@@ -366,20 +376,11 @@ class RpcConnection:
             if codec is None:
                 raise frame.payload
             self._codecs.setdefault(codec.codec_id, codec)
-            # The checks of _receive_one, in the same order.
-            if type(tree) is not list or len(tree) < 2 or type(tree[0]) is not int:
-                raise ProtocolError("a message must be an array [kind, stream_id, ...]")
-            kind, stream_id = tree[0], tree[1]
-            if type(stream_id) is not int or not 0 <= stream_id < 2**63:
-                raise ProtocolError(f"invalid stream id {stream_id!r}")
-            handler = _RECEIVERS.get((self.side, kind))
-            if handler is None:
-                raise ProtocolError(f"unexpected message kind {kind!r} for the {self.side.value}")
+            stream_id, handler = self._envelope(tree)
             if frame.payload is None:
                 handler(self, codec, stream_id, tree[2:], frame.buffers)
             else:  # a handler of _PAYLOADS' kinds, which takes it
-                receive: Callable[..., None] = handler
-                receive(self, codec, stream_id, tree[2:], frame.buffers, frame.payload)
+                handler(self, codec, stream_id, tree[2:], frame.buffers, frame.payload)
         if decoded.error is not None:
             raise decoded.error
 
