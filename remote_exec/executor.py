@@ -595,12 +595,11 @@ def call_deadline(timeout: float | None) -> float | None:
     caller's own deadline (an anyio, trio or asyncio one, plus
     ``CALLER_DEADLINE_MARGIN``), whichever is sooner; None for neither. Sent
     with the call as time remaining, so the two sides' clocks need not agree."""
-    remaining = anyio.current_effective_deadline() - anyio.current_time()
-    if remaining != math.inf:
-        remaining += CALLER_DEADLINE_MARGIN
-    if timeout is not None and timeout < remaining:
+    deadline = anyio.current_effective_deadline()
+    if deadline == math.inf:  # the common case: no clock to read
         return timeout
-    return remaining if remaining != math.inf else None
+    remaining = deadline - anyio.current_time() + CALLER_DEADLINE_MARGIN
+    return timeout if timeout is not None and timeout < remaining else remaining
 
 
 async def wait_for_answer(answered: anyio.Event, method_timeout: float) -> None:

@@ -72,6 +72,7 @@ from anyio.abc import TaskGroup
 from remote_exec.exceptions import TokenFileError
 from remote_exec.protocol import Limits
 from remote_exec.runtime.auth import TOKEN_ENV, is_loopback_host, load_or_create_token
+from remote_exec.runtime.invocations import DEFAULT_MAX_FINISHED, DEFAULT_RETENTION
 
 from .app import (
     DEFAULT_GRACE,
@@ -341,6 +342,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("asyncio", "trio"),
         default="asyncio",
         help="the async library the daemon runs on; async methods run on it (default %(default)s)",
+    )
+    run.add_argument(
+        "--invocation-retention",
+        type=_seconds(allow_zero=True),
+        default=DEFAULT_RETENTION,
+        metavar="SECONDS",
+        help="how long a finished invocation stays readable by id (at most the newest "
+        f"{DEFAULT_MAX_FINISHED} are kept; default %(default)g)",
     )
     run.add_argument(
         "--grace",
@@ -711,6 +720,7 @@ def run_serve(args: argparse.Namespace) -> int:
         allow_import_from_main=args.allow_import_from_main,
         limits=limits,
         create_timeout=args.create_timeout,
+        invocation_retention=args.invocation_retention,
     )
     app = create_app(
         dispatcher,

@@ -52,6 +52,7 @@ from remote_exec.messages import Call
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.runtime.events import EventHub
+from remote_exec.runtime.invocations import DEFAULT_RETENTION, InvocationTable
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 from remote_exec.runtime.transport import FrameTransport
 
@@ -170,6 +171,7 @@ class Dispatcher:
         close_grace: float = 5.0,
         create_timeout: float | None = DEFAULT_CREATE_TIMEOUT,
         import_hint: str = DAEMON_IMPORT_HINT,
+        invocation_retention: float = DEFAULT_RETENTION,
     ) -> None:
         if isinstance(allow_modules, str):
             raise TypeError("allow_modules must be a sequence of patterns, not one string")
@@ -190,7 +192,11 @@ class Dispatcher:
             self.limits.max_queued_events if max_queued_events is None else max_queued_events
         )
         self.runtime = InstanceRuntime(
-            self.registry, self.events, threads_have_loops=False, close_grace=close_grace
+            self.registry,
+            self.events,
+            threads_have_loops=False,
+            close_grace=close_grace,
+            invocations=InvocationTable(retention=invocation_retention),
         )
         self._connections: set[Connection] = set()
         self._methods: dict[tuple[type, str], RemoteMethod] = {}

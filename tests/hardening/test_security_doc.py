@@ -107,7 +107,7 @@ def test_every_limit_is_documented_and_listed_by_help() -> None:
         for option in action.option_strings
         if option.startswith("--max-")
         or option.endswith(("-timeout", "-interval"))
-        or option == "--grace"
+        or option in ("--grace", "--invocation-retention")
     }
     assert limit_flags == documented
     fields = {f"Limits.{field.name}" for field in dataclasses.fields(Limits)}

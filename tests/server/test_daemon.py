@@ -71,6 +71,34 @@ async def test_start_connect_call(daemon: DaemonProcess) -> None:
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("retention", ["0", "300"])
+async def test_invocation_retention(
+    anyio_backend: str, clean_env: dict[str, str], retention: str
+) -> None:
+    with DaemonProcess(
+        "--allow-module",
+        "tests.*",
+        "--backend",
+        anyio_backend,
+        "--invocation-retention",
+        retention,
+        env=clean_env,
+        token=TOKEN,
+    ) as daemon:
+        async with WebSocketExecutor(daemon.url, token=TOKEN) as ex:
+            probe = Probe(gain=2)
+            async with ex.remote_instance(probe, "probe", gain=2):
+                assert await probe.scale(1) == 2
+                kept = await ex.list_invocations(instance="probe")
+                if retention == "0":  # finished: forgotten at once
+                    assert kept == []
+                else:
+                    (info,) = kept
+                    assert info.status == "completed"
+                    assert await ex.get_invocation(info.id) == info
+
+
+@pytest.mark.anyio
 async def test_generated_token_file_is_private_and_found(clean_env: dict[str, str]) -> None:
     token_file = Path(clean_env["REMOTE_EXEC_TOKEN_FILE"])
     with DaemonProcess("--allow-module", "tests.*", env=clean_env) as daemon:
