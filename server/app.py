@@ -10,6 +10,10 @@
 * ``GET /health``: open, ``{"status": "ok"}`` and nothing else.
 * ``GET /instances``: behind the token, the instance names and the
   dispatcher's statistics.
+* ``GET /invocations`` (query ``instance``, ``method``, ``status``),
+  ``GET /invocations/{id}`` and ``DELETE /invocations/{id}`` (cancel): behind
+  the token and the ``Origin`` check, JSON as ``InvocationInfo.to_wire``
+  (``docs/wire-format.md``).
 * anything else: 404.
 
 Every request, websocket or HTTP, must name the daemon in its ``Host`` header
@@ -43,6 +47,7 @@ import logging
 import math
 import socket
 import time
+import urllib.parse
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from typing import TYPE_CHECKING, Any, cast
@@ -576,6 +581,9 @@ class RemoteExecApp:
             peer_logger.warning("refused HTTP request from %s: %s", _peer(scope) or "?", refused[1])
             await _json(send, refused[0], {"error": refused[1]}, method)
             return
+        if path == "/invocations" or path.startswith("/invocations/"):
+            await self._invocations(scope, send, method, path)
+            return
         if path not in ("/health", "/instances"):
             await _json(send, 404, {"error": "not found"}, method)
             return
@@ -599,6 +607,42 @@ class RemoteExecApp:
             "instances": sorted(self.dispatcher.registry.instance_names()),
             "statistics": self.dispatcher.statistics(),
         }
+        await _json(send, 200, body, method)
+
+    async def _invocations(self, scope: Scope, send: Send, method: str, path: str) -> None:
+        """The invocations the runtime knows: list, read one, cancel one."""
+        headers = _headers(scope)
+        refusal = self._origin_refused(headers) or self._authorized(headers)
+        if refusal is not None:
+            await _json(
+                send, refusal[0], {"error": refusal[1]}, method, [(b"www-authenticate", b"Bearer")]
+            )
+            return
+        table = self.dispatcher.runtime.invocations
+        invocation_id = (
+            urllib.parse.unquote(path[len("/invocations/") :]) if "/" in path[1:] else None
+        )
+        allowed = b"GET, DELETE" if invocation_id else b"GET"
+        if method not in ("GET", "HEAD") and not (method == "DELETE" and invocation_id):
+            await _json(send, 405, {"error": "method not allowed"}, method, [(b"allow", allowed)])
+            return
+        try:
+            if invocation_id is None:
+                query = urllib.parse.parse_qs(scope.get("query_string", b"").decode("latin-1"))
+                filters = {
+                    key: query[key][-1] for key in ("instance", "method", "status") if key in query
+                }
+                body: Any = [info.to_wire() for info in table.list(**filters)]
+            elif method == "DELETE":
+                body = table.cancel(invocation_id).to_wire()
+            else:
+                body = table.get(invocation_id).to_wire()
+        except LookupError as exc:
+            await _json(send, 404, {"error": str(exc)}, method)
+            return
+        except ValueError as exc:  # an unknown status
+            await _json(send, 400, {"error": str(exc)}, method)
+            return
         await _json(send, 200, body, method)
 
     # -- shutdown ---------------------------------------------------------------------------

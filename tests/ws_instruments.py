@@ -124,10 +124,14 @@ def run_cli(
 
 
 async def http_get(
-    port: int, path: str, headers: dict[str, str] | None = None, host: str = "127.0.0.1"
+    port: int,
+    path: str,
+    headers: dict[str, str] | None = None,
+    host: str = "127.0.0.1",
+    method: str = "GET",
 ) -> tuple[int, dict[str, str], bytes]:
-    """A bare HTTP/1.1 GET: (status, headers, body)."""
-    lines = [f"GET {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
+    """A bare HTTP/1.1 request (GET unless told): (status, headers, body)."""
+    lines = [f"{method} {path} HTTP/1.1", f"Host: {host}:{port}", "Connection: close"]
     lines += [f"{name}: {value}" for name, value in (headers or {}).items()]
     request = ("\r\n".join(lines) + "\r\n\r\n").encode()
     response = bytearray()

@@ -14,6 +14,7 @@ from typing import Any
 import anyio
 import pytest
 
+from remote_exec import InvocationCancelled
 from remote_exec.client.websocket import WebSocketExecutor, connect_websocket
 from remote_exec.exceptions import (
     ConnectionLostError,
@@ -31,6 +32,8 @@ from remote_exec.server.app import (
     serve,
 )
 from remote_exec.server.dispatch import Dispatcher
+from tests.conformance.devices import Spinner
+from tests.conformance.helpers import listed
 from tests.ws_instruments import Probe, http_get
 
 pytestmark = pytest.mark.anyio
@@ -106,6 +109,78 @@ async def test_instances_needs_the_token(server: Server) -> None:
     data = json.loads(body)
     assert data["instances"] == ["probe"]
     assert data["statistics"]["connections"] == 1
+
+
+async def test_invocations_over_http(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    for path in ("/invocations", "/invocations/x"):
+        status, headers, _ = await http_get(server.port, path)
+        assert status == 401
+        assert headers["www-authenticate"] == "Bearer"
+        status, _, _ = await http_get(server.port, path, {**auth, "Origin": "https://evil.example"})
+        assert status == 403
+    async with WebSocketExecutor(server.url, token=TOKEN) as ex:
+        probe = Probe()
+        async with ex.remote_instance(probe, "probe"):
+            assert await probe.scale(2) == 2
+            with pytest.raises(ValueError, match="http"):
+                await probe.fail("http")
+            status, _, body = await http_get(server.port, "/invocations?instance=probe", auth)
+            assert status == 200
+            listed = json.loads(body)
+            assert [(i["method"], i["status"]) for i in listed] == [
+                ("scale", "completed"),
+                ("fail", "error"),
+            ]
+            assert listed[1]["error"] == "ValueError: http"
+            status, _, body = await http_get(
+                server.port, "/invocations?status=error&method=fail", auth
+            )
+            assert [i["id"] for i in json.loads(body)] == [listed[1]["id"]]
+            status, _, body = await http_get(
+                server.port, f"/invocations/{listed[0]['id']}", {**auth, "Origin": GOOD_ORIGIN}
+            )
+            assert status == 200
+            assert json.loads(body) == listed[0]
+            assert (await ex.get_invocation(listed[0]["id"])).to_wire() == listed[0]
+            status, _, body = await http_get(
+                server.port, f"/invocations/{listed[0]['id']}", auth, method="DELETE"
+            )
+            assert status == 200  # finished: cancelling changes nothing
+            assert json.loads(body) == listed[0]
+            status, _, _ = await http_get(server.port, "/invocations/nope", auth)
+            assert status == 404
+            status, _, _ = await http_get(server.port, "/invocations?status=bogus", auth)
+            assert status == 400
+            status, headers, _ = await http_get(server.port, "/invocations", auth, method="DELETE")
+            assert status == 405
+            assert headers["allow"] == "GET"
+
+
+async def test_delete_over_http_cancels_a_running_invocation(server: Server) -> None:
+    auth = {"Authorization": f"Bearer {TOKEN}"}
+    async with WebSocketExecutor(server.url, token=TOKEN) as ex:
+        spinner = Spinner("http")
+        async with ex.remote_instance(spinner, "spinner", "http"):
+            async with anyio.create_task_group() as tg:
+                outcome: list[BaseException] = []
+
+                async def spin() -> None:
+                    try:
+                        await spinner.spin(1000)  # 20 s uninterrupted
+                    except InvocationCancelled as exc:
+                        outcome.append(exc)
+
+                tg.start_soon(spin)
+                running = await listed(ex, spinner, "spin", "running")
+                with anyio.fail_after(5):
+                    status, _, body = await http_get(
+                        server.port, f"/invocations/{running.id}", auth, method="DELETE"
+                    )
+                assert status == 200
+                assert json.loads(body)["id"] == running.id
+            assert len(outcome) == 1
+            assert (await ex.get_invocation(running.id)).status == "cancelled"
 
 
 async def test_calls_through_the_websocket_executor(server: Server) -> None:
