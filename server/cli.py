@@ -55,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import json
 import logging
 import math
 import os
@@ -69,9 +70,16 @@ from pathlib import Path
 import anyio
 from anyio.abc import TaskGroup
 
+from remote_exec.client.websocket import WebSocketExecutor
 from remote_exec.exceptions import TokenFileError
+from remote_exec.invocations import InvocationStatus
 from remote_exec.protocol import Limits
-from remote_exec.runtime.auth import TOKEN_ENV, is_loopback_host, load_or_create_token
+from remote_exec.runtime.auth import (
+    TOKEN_ENV,
+    is_loopback_host,
+    load_or_create_token,
+    read_token_file,
+)
 from remote_exec.runtime.invocations import DEFAULT_MAX_FINISHED, DEFAULT_RETENTION
 
 from .app import (
@@ -123,7 +131,67 @@ def build_parser() -> argparse.ArgumentParser:
         "or plain bytes. Every limit is explained in docs/security.md.",
     )
     add_serve_arguments(serve_parser)
+    listing = commands.add_parser(
+        "invocations",
+        help="list a daemon's invocations (every client's), oldest first",
+        description="List the invocations a daemon knows: what runs, what ran, how it ended.",
+    )
+    _add_client_arguments(listing)
+    listing.add_argument("--instance", help="only this instance's")
+    listing.add_argument("--method", help="only this method's")
+    listing.add_argument(
+        "--status", choices=[status.value for status in InvocationStatus], help="only these"
+    )
+    listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    cancel = commands.add_parser(
+        "cancel",
+        help="ask a daemon's invocation to stop, by id",
+        description="Cancel an invocation: pending, it never starts; running async, it is "
+        "cancelled; running sync, it stops at its next check_cancelled().",
+    )
+    _add_client_arguments(cancel)
+    cancel.add_argument("id", help="the invocation's id (see `remote-exec invocations`)")
     return parser
+
+
+def _add_client_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--url",
+        default=f"ws://{DEFAULT_HOST}:{DEFAULT_PORT}",
+        help="the daemon (default %(default)s)",
+    )
+    parser.add_argument(
+        "--token-file",
+        help="read the token here (default: REMOTE_EXEC_TOKEN, or the file a daemon on "
+        "this machine wrote)",
+    )
+
+
+async def _invocations_command(args: argparse.Namespace) -> int:
+    token = read_token_file(args.token_file) if args.token_file else None
+    async with WebSocketExecutor(args.url, token=token, init_context=False) as executor:
+        if args.command == "cancel":
+            try:
+                infos = [await executor.cancel_invocation(args.id)]
+            except LookupError as exc:
+                print(f"remote-exec cancel: {exc}", file=sys.stderr)
+                return 1
+        else:
+            infos = await executor.list_invocations(
+                instance=args.instance, method=args.method, status=args.status
+            )
+    for info in infos:
+        if getattr(args, "json", False):
+            print(json.dumps(info.to_wire()))
+            continue
+        took = ""
+        if info.started_at is not None:
+            took = f"{(info.ended_at or time.time()) - info.started_at:.3f}s"
+        print(
+            f"{info.id}  {info.instance}.{info.method}  {info.status.value}  {took}"
+            + (f"  {info.error}" if info.error else "")
+        )
+    return 0
 
 
 def _add_version(parser: argparse.ArgumentParser) -> None:
@@ -762,6 +830,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.command == "serve":
             return run_serve(args)
+        if args.command in ("invocations", "cancel"):
+            return anyio.run(_invocations_command, args)
     except _UsageError as exc:
         parser.exit(2, f"remote-exec serve: error: {exc}\n")
     parser.error(f"unknown command {args.command!r}")  # pragma: no cover - argparse checks

@@ -8,6 +8,7 @@ import shutil
 import signal
 import ssl
 import stat
+import subprocess
 import sys
 import uuid
 from collections.abc import Iterator
@@ -17,12 +18,15 @@ import anyio
 import pytest
 import trustme
 
+from remote_exec import InvocationCancelled
 from remote_exec.client.websocket import WebSocketExecutor
 from remote_exec.exceptions import (
     ConnectionLostError,
     RemoteException,
     RemoteExecConnectionError,
 )
+from tests.conformance.devices import Spinner
+from tests.conformance.helpers import listed as listed_invocation
 from tests.ws_instruments import DaemonProcess, Probe, http_get, run_cli
 
 pytestmark = pytest.mark.skipif(sys.platform == "win32", reason="POSIX signals and modes")
@@ -96,6 +100,54 @@ async def test_invocation_retention(
                     (info,) = kept
                     assert info.status == "completed"
                     assert await ex.get_invocation(info.id) == info
+
+
+@pytest.mark.anyio
+async def test_invocations_and_cancel_commands(
+    anyio_backend: str, clean_env: dict[str, str], tmp_path: Path
+) -> None:
+    token_file = tmp_path / "token"
+    token_file.write_text(TOKEN)
+    token_file.chmod(0o600)
+    with DaemonProcess(
+        "--allow-module", "tests.*", "--backend", anyio_backend, env=clean_env, token=TOKEN
+    ) as daemon:
+        common = ["--url", daemon.url, "--token-file", str(token_file)]
+
+        async def command(*args: str) -> subprocess.CompletedProcess[bytes]:
+            return await anyio.run_process(
+                [sys.executable, "-m", "remote_exec.server.cli", *args],
+                env=clean_env,
+                check=False,
+            )
+
+        async with WebSocketExecutor(daemon.url, token=TOKEN) as ex:
+            spinner = Spinner("cli")
+            async with ex.remote_instance(spinner, "spinner", "cli"):
+                assert await spinner.echo(1) == 1
+                listed = await command("invocations", "--json", *common)
+                assert listed.returncode == 0, listed.stderr
+                infos = [json.loads(line) for line in listed.stdout.decode().splitlines()]
+                assert [(i["method"], i["status"]) for i in infos] == [("echo", "completed")]
+                async with anyio.create_task_group() as tg:
+                    outcome: list[BaseException] = []
+
+                    async def spin() -> None:
+                        try:
+                            await spinner.spin(1000)  # 20 s uninterrupted
+                        except InvocationCancelled as exc:
+                            outcome.append(exc)
+
+                    tg.start_soon(spin)
+                    running = await listed_invocation(ex, spinner, "spin", "running")
+                    shown = await command("invocations", "--status", "running", *common)
+                    assert f"{running.id}  spinner.spin  running" in shown.stdout.decode()
+                    cancelled = await command("cancel", running.id, *common)
+                    assert cancelled.returncode == 0, cancelled.stderr
+                assert len(outcome) == 1
+                unknown = await command("cancel", "no-such-id", *common)
+                assert unknown.returncode == 1
+                assert b"no invocation" in unknown.stderr
 
 
 @pytest.mark.anyio
