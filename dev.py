@@ -36,7 +36,7 @@ def run(*args: str | Path, check: bool = True) -> int:
 
 
 def ensure_venv() -> None:
-    """Create .venv and install the project with its test extra, once per pyproject."""
+    """Create .venv and install the project with its test and ray extras, once per pyproject."""
     if sys.version_info < (3, 11):  # noqa: UP036 - run by whatever python3 is there
         sys.exit(f"remote-exec needs Python 3.11 or newer, this is {sys.version.split()[0]}")
     if not PYTHON.exists():
@@ -46,7 +46,7 @@ def ensure_venv() -> None:
     if STAMP.exists() and STAMP.read_text() == wanted:
         return
     run(PYTHON, "-m", "pip", "install", "--quiet", "--upgrade", "pip")
-    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test]")
+    run(PYTHON, "-m", "pip", "install", "--quiet", "-e", ".[test,ray]")
     STAMP.write_text(wanted)
 
 

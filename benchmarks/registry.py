@@ -14,6 +14,10 @@ with the best peer of its own kind:
     daemon, a Pyro5 daemon, an RPyC server. Floor: the bare echo over the same
     transport (TCP for Pyro5 and RPyC, hypercorn websocket for the websocket
     daemons, since both pymoa-remote's and remote-exec's are served by hypercorn).
+``cluster``
+    Places the object on a node of a Ray cluster (here a local one) and calls
+    it there: a plain Ray actor, and ``RayExecutor``. No floor (Ray's own
+    call path is the reference).
 ``floor``
     The raw transports themselves; never a "peer".
 
@@ -37,7 +41,7 @@ __all__ = [
     "Subject",
 ]
 
-Kind = Literal["floor", "thread", "process", "network"]
+Kind = Literal["floor", "thread", "process", "network", "cluster"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +144,9 @@ _SUBJECTS = [
         for codec in ("msgpack", "json")
         for backend in ("asyncio", "trio")
     ),
+    # Ray (the extra remote-exec[ray]): a plain actor, and RayExecutor
+    Subject("Ray actor", "ray_subject", "cluster", None, {"via": "plain"}),
+    Subject("remote-exec ray", "ray_subject", "cluster", None, {"via": "remote-exec"}, ours=True),
 ]
 
 SUBJECTS: dict[str, Subject] = {subject.name: subject for subject in _SUBJECTS}

@@ -240,7 +240,7 @@ def render(rows: Sequence[Row], workloads: Sequence[Workload], ratios_for: str) 
             r = found.get(w)
             vs_peer.append(f"{fmt_ratio(r.vs_peer)} {r.peer}" if r and r.vs_peer else "-")
             vs_floor.append(fmt_ratio(r.vs_floor) if r and r.vs_floor else "-")
-        table += [vs_peer, vs_floor]
+        table += [vs_peer, vs_floor] if row.subject.floor else [vs_peer]
     widths = [max(len(line[i]) for line in table) for i in range(len(header))]
     lines = ["  ".join(c.ljust(wd) for c, wd in zip(line, widths, strict=True)) for line in table]
     lines.insert(1, "  ".join("-" * wd for wd in widths))

@@ -14,6 +14,7 @@ from .decorators import (
     apply_generator_executor as apply_generator_executor,
 )
 from .process import ProcessExecutor as ProcessExecutor
+from .ray import RayExecutor as RayExecutor
 from .thread import ThreadExecutor as ThreadExecutor
 from .websocket import WebSocketExecutor as WebSocketExecutor
 
@@ -22,6 +23,7 @@ __all__ = [
     "BlockingExecutor",
     "ExecutorContext",
     "ProcessExecutor",
+    "RayExecutor",
     "ThreadExecutor",
     "WebSocketExecutor",
     "apply_executor",
