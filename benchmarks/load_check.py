@@ -3,7 +3,7 @@
 ::
 
     python benchmarks/load_check.py [--clients N] [--calls M] [--backend asyncio|trio|both]
-                                    [--kill] [--seed S] [--json OUT] [--procs P] ...
+                                    [--kill] [--slow] [--seed S] [--json OUT] [--procs P] ...
 
 Not a timed benchmark (``run.py`` is): a correctness check under load that
 also reports throughput, latency and the daemon's memory. See the "Load check"
@@ -32,9 +32,18 @@ reads every log back. The checks:
   instance; every error must be a connection error, successes + errors ==
   total, and a failed call may have run (its reply was lost) but only once.
   Failed calls that ran after a later call are counted, not failed;
+* with ``--slow``: some clients read their replies slowly (``--slow-rate``
+  bytes a second, with a small socket buffer), and one more client, the
+  non-reader, sends echo calls of 64 KiB on its own connection and never
+  reads a reply. The daemon runs with a small ``--max-outgoing-bytes``
+  (1 MiB) and must hold them back (stop reading from them) without losing
+  anything: the slow readers' calls pass every check above, the non-reader
+  is held back, and the daemon's memory stays bounded;
 * the daemon: alive, lets go of every connection and call, no worker thread
   left once the instances are deleted, no traceback logged, exit code 0 on
-  SIGTERM.
+  SIGTERM; its memory flat over the second half of the load (the median RSS
+  sample at the end within 16 MiB, or 10 %, of the one at half-way), since
+  finished invocation records are kept (up to 10,000, for 300 s).
 
 Clients share this process and its event loop (``--procs P`` spreads them over
 P child processes; on 2 cores that only slows the daemon down). Exit code 1 if
@@ -44,6 +53,7 @@ any check fails, 2 on bad usage.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import itertools
 import json
@@ -66,10 +76,15 @@ from pathlib import Path
 from typing import Any
 
 import anyio
-from anyio.abc import SocketAttribute, TaskGroup
+from anyio.abc import ByteStream, SocketAttribute, TaskGroup
+from websockets.client import ClientProtocol
+from websockets.protocol import CONNECTING, OPEN
+from websockets.uri import parse_uri
 
 from remote_exec import WebSocketExecutor
 from remote_exec.exceptions import RemoteExecConnectionError
+from remote_exec.protocol import RpcConnection, Side
+from remote_exec.server.cli import format_size, parse_size
 from remote_exec.server.testing import DaemonProcess
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -87,6 +102,15 @@ KINDS: dict[str, int] = {
 }
 PROGRESS_EVERY = 2.0  # seconds between progress lines
 CONNECTION_ERRORS = ("ConnectionLostError", "RemoteExecConnectionError")
+# --slow: the daemon's bound on the replies waiting for one connection, and
+# the receive buffer of a slow reader's socket (so that what it has not read
+# waits in the daemon, not in the kernel).
+SLOW_DAEMON_ARGS = ("--max-outgoing-bytes", "1MiB", "--log-level", "INFO")
+SLOW_RCVBUF = 64 * 1024
+NON_READER_PAYLOAD = 64 * 1024
+HELD_BACK = "reads its replies slower than it sends calls"  # the daemon's INFO line
+# The daemon's memory over the second half of the load: flat within this (or 10 %).
+FLAT = 16 * MIB
 
 
 def _device_class() -> type:
@@ -150,6 +174,8 @@ class Settings:
     call_timeout: float
     deadline: float
     bytes_size: int = MIB
+    slow_clients: list[int] = field(default_factory=list)  # these read slowly
+    slow_rate: float = 4 * MIB  # bytes a second
 
 
 @dataclass
@@ -187,6 +213,7 @@ class Client:
         self.killed: dict[int, str] = {}  # session number: how its connection was killed
         self.setup_errors: list[str] = []
         self.kill_rng = random.Random(f"{settings.seed}:kill:{cid}")
+        self.slow = cid in settings.slow_clients
 
     async def run(self) -> None:
         while self.next < self.settings.calls:
@@ -200,6 +227,8 @@ class Client:
 
     async def _session(self) -> None:
         async with WebSocketExecutor(self.settings.url) as executor:
+            if self.slow:
+                read_slowly(executor, self.settings.slow_rate)
             await executor.ensure_remote_instance(self.dev, self.name, self.cid)
             self.sessions += 1
             session = _Session(executor, self.sessions)
@@ -302,6 +331,7 @@ class Client:
             "connection": self.connection,
             "setup_errors": self.setup_errors,
             "seen": list(self.dev.seen),
+            "slow": self.slow,
         }
 
 
@@ -332,6 +362,139 @@ async def abort_connection(executor: WebSocketExecutor, how: str) -> None:
             raw.shutdown(socket.SHUT_RDWR)
     except OSError:
         pass  # already gone
+
+
+class _SlowStream(ByteStream):
+    """A client's byte stream that reads at most ``rate`` bytes a second."""
+
+    def __init__(self, inner: ByteStream, rate: float) -> None:
+        self._inner = inner
+        self._rate = rate
+        self._free_at = 0.0  # when the next read may start
+
+    async def receive(self, max_bytes: int = 65536) -> bytes:
+        # The wait comes before the read: a cancelled reader loses nothing.
+        now = anyio.current_time()
+        if self._free_at > now:
+            await anyio.sleep(self._free_at - now)
+        chunk = await self._inner.receive(min(max_bytes, 16384))
+        self._free_at = max(self._free_at, anyio.current_time()) + len(chunk) / self._rate
+        return chunk
+
+    async def send(self, item: bytes) -> None:
+        await self._inner.send(item)
+
+    async def send_eof(self) -> None:
+        await self._inner.send_eof()
+
+    async def aclose(self) -> None:
+        await self._inner.aclose()
+
+    @property
+    def extra_attributes(self) -> Any:
+        return self._inner.extra_attributes
+
+
+def read_slowly(executor: WebSocketExecutor, rate: float) -> None:
+    """Make ``executor`` read what the daemon sends at ``rate`` bytes a second, through
+    a small socket buffer (``_websocket._stream``, as ``abort_connection`` uses it)."""
+    websocket = executor._websocket
+    if websocket is None:
+        return
+    raw: socket.socket = websocket._stream.extra(SocketAttribute.raw_socket)
+    raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, SLOW_RCVBUF)
+    websocket._stream = _SlowStream(websocket._stream, rate)
+
+
+@dataclass
+class NonReader:
+    """``--slow``: a client that sends echo calls of 64 KiB and never reads a reply.
+
+    Its calls go to an instance of its own (``load-non-reader``), over a plain
+    websocket (``websockets``' sans-I/O protocol); once the daemon stops
+    reading from it, its sends wait. It runs until cancelled, reconnecting if
+    the daemon drops it, and leaves with a TCP reset (unread data).
+    """
+
+    url: str
+    sent: int = 0
+    sessions: int = 0
+    dropped: int = 0
+    longest_wait: float = 0.0  # the longest a single send waited for the daemon
+    sent_when_held: int | None = None  # calls sent when a send first waited 1 s
+    errors: list[str] = field(default_factory=list)
+    sending_since: float | None = None  # when the send under way began
+
+    NAME = "load-non-reader"
+
+    async def run(self) -> None:
+        async with WebSocketExecutor(self.url) as executor:
+            await executor.ensure_remote_instance(_device_class()(-1), self.NAME, -1)
+        try:
+            while True:
+                try:
+                    await self._session()
+                except (OSError, anyio.BrokenResourceError, anyio.EndOfStream) as exc:
+                    self._waited()
+                    self.dropped += 1
+                    if len(self.errors) < 5:
+                        self.errors.append(f"{type(exc).__name__}: {exc}")
+                    await anyio.sleep(0.1)
+        finally:  # cancelled at the end of the load, its last send still waiting
+            self._waited()
+
+    async def _session(self) -> None:
+        uri = parse_uri(self.url)
+        protocol = ClientProtocol(uri, max_size=None)
+        protocol.send_request(protocol.connect())
+        async with await anyio.connect_tcp(uri.host, uri.port) as stream:
+            for data in protocol.data_to_send():
+                await stream.send(data)
+            while protocol.state is CONNECTING:  # the handshake's answer: read; nothing after
+                protocol.receive_data(await stream.receive())
+            if protocol.state is not OPEN:
+                raise OSError(f"handshake refused: {protocol.handshake_exc}")
+            self.sessions += 1
+            rpc = RpcConnection(Side.CLIENT)
+            payload = bytes(NON_READER_PAYLOAD)
+            while True:
+                rpc.send_call(self.NAME, "echo", [self.sent, payload])
+                protocol.send_binary(
+                    b"".join(piece for frame in rpc.data_to_send() for piece in frame)
+                )
+                self.sending_since = time.perf_counter()
+                for data in protocol.data_to_send():
+                    await stream.send(data)
+                self._waited()
+                self.sent += 1
+
+    def _waited(self) -> None:
+        """Count the wait of the send under way, if any (the last one may never end)."""
+        if self.sending_since is None:
+            return
+        waited = time.perf_counter() - self.sending_since
+        self.sending_since = None
+        self.longest_wait = max(self.longest_wait, waited)
+        if waited >= 1.0 and self.sent_when_held is None:
+            self.sent_when_held = self.sent
+
+    def result(self) -> dict[str, Any]:
+        return {
+            "sent": self.sent,
+            "sent_mib": self.sent * NON_READER_PAYLOAD / MIB,
+            "sessions": self.sessions,
+            "dropped": self.dropped,
+            "longest_wait_s": self.longest_wait,
+            "sent_when_held": self.sent_when_held,
+            "errors": self.errors,
+        }
+
+
+async def delete_non_reader(url: str) -> None:
+    async with WebSocketExecutor(url) as executor:
+        dev: Any = _device_class()(-1)
+        await executor.ensure_remote_instance(dev, NonReader.NAME, -1)
+        await executor.delete_remote_instance(dev)
 
 
 async def run_clients(
@@ -408,6 +571,11 @@ class Daemon(DaemonProcess):
         self._sampler: threading.Thread | None = None
         self._t0 = 0.0
         self.died_at: float | None = None  # seconds after start, if it died on its own
+
+    @property
+    def t0(self) -> float:
+        """When it started serving (``time.perf_counter()``): sample times count from it."""
+        return self._t0
 
     def start(self, timeout: float = 30.0) -> str:
         url = super().start(timeout)
@@ -497,28 +665,45 @@ def _mib(value: int | None) -> str:
 
 
 class Printer:
-    def __init__(self, backend: str, mode: str) -> None:
-        self.prefix = f"[{backend}{' --kill' if mode == 'kill' else ''}]"
+    def __init__(self, backend: str, mode: str, slow: bool = False) -> None:
+        self.prefix = f"[{backend}{' --kill' if mode == 'kill' else ''}{' --slow' if slow else ''}]"
 
     def __call__(self, text: str = "") -> None:
         print(f"{self.prefix} {text}" if text else "", flush=True)
 
 
+def _slow_clients(args: argparse.Namespace) -> list[int]:
+    """With ``--slow``: the clients that read slowly (spread over the client ids)."""
+    if not args.slow:
+        return []
+    count = args.slow_readers if args.slow_readers is not None else max(1, args.clients // 4)
+    count = min(count, args.clients)
+    return sorted({round(i * args.clients / count) for i in range(count)}) if count else []
+
+
 def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
     mode = "kill" if args.kill else "normal"
-    say = Printer(backend, mode)
+    say = Printer(backend, mode, args.slow)
     total = args.clients * args.calls
-    daemon = Daemon(backend, max(64, args.clients + 8), args.daemon_arg)
+    extra = [*SLOW_DAEMON_ARGS, *args.daemon_arg] if args.slow else args.daemon_arg
+    daemon = Daemon(backend, max(64, args.clients + 8), extra)
     try:
         url = daemon.start()
         rss_start = daemon.status("VmRSS")
         threads_start = daemon.status("Threads")
         say(f"daemon {url} (pid {daemon.pid}, RSS {_mib(rss_start)})")
+        slow_clients = _slow_clients(args)
         say(
             f"{args.clients} clients x {args.calls} calls, {args.in_flight} in flight per "
             f"client, seed {args.seed}, procs {args.procs}, kill rate "
             f"{args.kill_rate if args.kill else 0}"
         )
+        if args.slow:
+            say(
+                f"--slow: clients {slow_clients} read at {format_size(int(args.slow_rate))}/s; "
+                "one more client never reads; daemon: "
+                + " ".join(SLOW_DAEMON_ARGS + tuple(args.daemon_arg))
+            )
         settings = Settings(
             url=url,
             backend=backend,
@@ -529,26 +714,38 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             kill_rate=args.kill_rate if args.kill else 0.0,
             call_timeout=args.call_timeout,
             deadline=args.deadline,
+            slow_clients=slow_clients,
+            slow_rate=args.slow_rate,
         )
+        non_reader = NonReader(url) if args.slow else None
         started = time.perf_counter()
 
         def report(done: int, errors: int) -> None:
             elapsed = time.perf_counter() - started
+            flood = "" if non_reader is None else f"  non-reader sent {non_reader.sent}"
             say(
                 f"{elapsed:6.1f} s  {done:6d}/{total} calls  {done / elapsed:7.0f} calls/s  "
                 f"errors {errors}  daemon RSS {_mib(daemon.samples[-1][1] if daemon.samples else None)}"
+                f"{flood}"
             )
 
-        if args.procs <= 1:
-            load = anyio.run(
-                run_clients,
-                settings,
-                range(args.clients),
-                lambda p: report(p.done, p.errors),
-                backend=backend,
-            )
-        else:
-            load = _run_children(args, settings, report)
+        with contextlib.ExitStack() as stack:
+            if non_reader is not None:
+                # On its own event loop, in a thread, whatever --procs says.
+                portal = stack.enter_context(anyio.from_thread.start_blocking_portal(backend))
+                flooding = portal.start_task_soon(non_reader.run)
+                stack.callback(flooding.cancel)  # first thing on the way out
+            if args.procs <= 1:
+                load = anyio.run(
+                    run_clients,
+                    settings,
+                    range(args.clients),
+                    lambda p: report(p.done, p.errors),
+                    backend=backend,
+                )
+            else:
+                load = _run_children(args, settings, report)
+        load_window = (started - daemon.t0, started - daemon.t0 + load["elapsed"])
         report_done = sum(1 for c in load["clients"] for o in c["outcome"] if o is not None)
         say(f"load done in {load['elapsed']:.1f} s ({report_done} calls); reading the logs back")
         rss_after = daemon.status("VmRSS")
@@ -563,6 +760,8 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         read_back_error = None
         try:
             states = anyio.run(read_back, url, range(args.clients), backend=backend)
+            if non_reader is not None:
+                anyio.run(delete_non_reader, url, backend=backend)
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             read_back_error = f"{type(exc).__name__}: {exc}"
         # ... and once the instances are deleted, of their worker threads.
@@ -575,7 +774,8 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         exit_code, stop_seconds = daemon.shutdown()
         log = daemon.log()
         if args.daemon_log is not None:
-            path = args.daemon_log.with_name(f"{args.daemon_log.name}.{backend}.{mode}")
+            suffix = f"{mode}{'-slow' if args.slow else ''}"
+            path = args.daemon_log.with_name(f"{args.daemon_log.name}.{backend}.{suffix}")
             path.write_text(log)
             say(f"daemon stderr written to {path}")
         result = analyse(args, backend, mode, load, states)
@@ -604,7 +804,11 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             "log_tracebacks": log.count("Traceback"),
             "log_errors": sum(1 for line in log.splitlines() if " ERROR " in line),
             "log_warnings": sum(1 for line in log.splitlines() if " WARNING " in line),
+            "flat": flat_memory(daemon.samples, *load_window),
         }
+        if args.slow:
+            assert non_reader is not None
+            result["slow"] = slow_report(args, load, log, non_reader)
         add_daemon_checks(result)
         print_report(say, result)
         return result
@@ -897,6 +1101,51 @@ def analyse(
     }
 
 
+def flat_memory(samples: list[tuple[float, int]], start: float, end: float) -> dict[str, Any]:
+    """The daemon's RSS at half-way through the load and at its end: the
+    median of the samples in 45-55 % and in 90-100 % of the load's time (the
+    nearest sample if a window holds none), and how much it grew between."""
+
+    def around(low: float, high: float) -> int | None:
+        inside = sorted(rss for t, rss in samples if low <= t <= high)
+        if inside:
+            return inside[len(inside) // 2]
+        middle = (low + high) / 2
+        return min(samples, key=lambda sample: abs(sample[0] - middle))[1] if samples else None
+
+    length = end - start
+    half = around(start + 0.45 * length, start + 0.55 * length)
+    last = around(start + 0.9 * length, end)
+    growth = None if half is None or last is None else last - half
+    return {"half": half, "end": last, "growth": growth}
+
+
+def slow_report(
+    args: argparse.Namespace, load: dict[str, Any], log: str, non_reader: NonReader
+) -> dict[str, Any]:
+    """``--slow``: who read slowly, what the daemon held back and dropped."""
+    held = {line.split(">", 1)[0] for line in log.splitlines() if HELD_BACK in line}
+    slow, others = [], []
+    for client in load["clients"]:
+        ok = [lat for lat, o in zip(client["latency"], client["outcome"], strict=True) if o == "ok"]
+        (slow if client["slow"] else others).extend(ok)
+    return {
+        "slow_readers": [c["client"] for c in load["clients"] if c["slow"]],
+        "rate": args.slow_rate,
+        "held_back_connections": len(held),
+        "dropped_for_not_reading": log.count("is not reading its replies"),
+        "latency_slow": {
+            "p50_ms": (_percentile(slow, 0.5) or 0) * 1e3,
+            "p99_ms": (_percentile(slow, 0.99) or 0) * 1e3,
+        },
+        "latency_others": {
+            "p50_ms": (_percentile(others, 0.5) or 0) * 1e3,
+            "p99_ms": (_percentile(others, 0.99) or 0) * 1e3,
+        },
+        "non_reader": non_reader.result(),
+    }
+
+
 def _settled(statistics: dict[str, Any] | None, *keys: str) -> bool:
     return statistics is not None and not any(statistics.get(key) for key in keys)
 
@@ -935,6 +1184,25 @@ def add_daemon_checks(result: dict[str, Any]) -> None:
             "detail": f"code {daemon['exit_code']} after {daemon['stop_seconds']:.1f} s",
         },
     ]
+    flat = daemon["flat"]
+    result["checks"].append(
+        {
+            "name": "daemon memory flat over the second half of the load",
+            "ok": flat["growth"] is not None and flat["growth"] <= max(FLAT, flat["half"] / 10),
+            "detail": f"RSS {_mib(flat['half'])} at half-way, {_mib(flat['end'])} at the end",
+        }
+    )
+    slow = result.get("slow")
+    if slow is not None:
+        flood = slow["non_reader"]
+        result["checks"].append(
+            {
+                "name": "the daemon held the non-reader back",
+                "ok": flood["sent_when_held"] is not None,
+                "detail": f"it sent {flood['sent']} calls ({flood['sent_mib']:.0f} MiB); its "
+                f"longest send waited {flood['longest_wait_s']:.1f} s",
+            }
+        )
     result["passed"] = all(check["ok"] for check in result["checks"])
 
 
@@ -1001,6 +1269,33 @@ def print_report(say: Printer, r: dict[str, Any]) -> None:
         f"at start, {_mib(d['rss_peak_sampled'])} peak of {len(d['samples'])} samples, "
         f"{_mib(d['rss_after_load'])} after the load, {_mib(d['rss_end'])} at the end"
     )
+    flat = d["flat"]
+    growth = "n/a" if flat["growth"] is None else f"{flat['growth'] / MIB:+.1f} MiB"
+    say(
+        f"daemon memory over the load: VmRSS {_mib(flat['half'])} at half-way, "
+        f"{_mib(flat['end'])} at the end of the load ({growth} over the second half)"
+    )
+    slow = r.get("slow")
+    if slow is not None:
+        flood = slow["non_reader"]
+        say(
+            f"slow readers {slow['slow_readers']} at {format_size(int(slow['rate']))}/s: "
+            f"p50/p99 {slow['latency_slow']['p50_ms']:.1f}/{slow['latency_slow']['p99_ms']:.1f} "
+            f"ms, the other clients {slow['latency_others']['p50_ms']:.1f}/"
+            f"{slow['latency_others']['p99_ms']:.1f} ms"
+        )
+        held = flood["sent_when_held"]
+        say(
+            f"non-reader: sent {flood['sent']} calls of 64 KiB ({flood['sent_mib']:.0f} MiB) "
+            f"on {flood['sessions']} connection(s), held back after "
+            f"{'-' if held is None else held}; longest send wait {flood['longest_wait_s']:.1f} s; "
+            f"dropped {flood['dropped']} time(s)"
+        )
+        say(
+            f"daemon held back {slow['held_back_connections']} connection(s) "
+            f"(stopped reading from them), dropped {slow['dropped_for_not_reading']} for "
+            "reading nothing"
+        )
     cpu = "n/a" if d["cpu_seconds"] is None else f"{d['cpu_seconds']:.1f} s"
     say(
         f"daemon CPU {cpu}; threads {d['threads_start']} at start, "
@@ -1039,6 +1334,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's and the clients' (default %(default)s)",
     )
     parser.add_argument("--kill", action="store_true", help="abort random client connections")
+    parser.add_argument(
+        "--slow",
+        action="store_true",
+        help="some clients read their replies slowly, and one more never reads "
+        f"(the daemon gets {' '.join(SLOW_DAEMON_ARGS)})",
+    )
+    parser.add_argument(
+        "--slow-readers",
+        type=int,
+        metavar="K",
+        help="with --slow: how many of the clients read slowly (default: a quarter, at least 1)",
+    )
+    parser.add_argument(
+        "--slow-rate",
+        type=parse_size,
+        default=4 * MIB,
+        metavar="SIZE",
+        help="with --slow: bytes a second a slow reader reads (default 4MiB)",
+    )
     parser.add_argument("--seed", type=int, default=1, help="the call mix (default %(default)s)")
     parser.add_argument("--json", type=Path, metavar="OUT", help="write the results as JSON")
     parser.add_argument(
@@ -1127,6 +1441,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--{name.replace('_', '-')} must be at least 1")
     if args.items < 0 or not 0 <= args.kill_rate <= 1:
         parser.error("--items must be >= 0 and --kill-rate between 0 and 1")
+    if args.slow_rate < 1 or (args.slow_readers is not None and args.slow_readers < 0):
+        parser.error("--slow-rate must be at least 1 and --slow-readers at least 0")
     args.procs = min(args.procs, args.clients)
     backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
     info = machine()

@@ -35,8 +35,8 @@ import trio
 from anyio.from_thread import start_blocking_portal
 
 from remote_exec.exceptions import ExecutorStateError
-from remote_exec.executor import Executor, ExecutorContext, RemoteMethod, RemoteStream
-from remote_exec.invocations import InvocationInfo, InvocationStatus
+from remote_exec.executor import Executor, ExecutorContext, Invocation, RemoteMethod, RemoteStream
+from remote_exec.invocations import InvocationInfo, InvocationStatus, LogEntry
 from remote_exec.runtime.backend import BACKENDS, threadsafe_call_soon
 
 if TYPE_CHECKING:
@@ -440,6 +440,24 @@ class BlockingExecutor:
         """Ask ``invocation_id`` to stop; its info after the request."""
         return self._call("cancel_invocation", self._executor.cancel_invocation, invocation_id)
 
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> BlockingInvocation:
+        """Start a detached call of the decorated method ``fn`` (bound:
+        ``obj.method``); its handle, as soon as the call is sent."""
+        invocation = self._call("submit", self._executor.submit, fn, *args, **kwargs)
+        return BlockingInvocation(self, invocation)
+
+    def invocation(self, invocation_id: str) -> BlockingInvocation:
+        """A handle on the existing invocation ``invocation_id``."""
+        return BlockingInvocation(self, self._executor.invocation(invocation_id))
+
+    def invocation_result(self, invocation_id: str) -> Any:
+        """The outcome of the submitted invocation ``invocation_id``, once finished."""
+        return self._call("invocation_result", self._executor.invocation_result, invocation_id)
+
+    def follow_log(self, invocation_id: str) -> BlockingStream[LogEntry]:
+        """The log records of ``invocation_id`` as they come, until it has finished."""
+        return self._stream("follow_log", lambda: self._executor.follow_log(invocation_id))
+
     def execute(
         self,
         obj: Any,
@@ -515,6 +533,33 @@ class BlockingExecutor:
             "get_channel_from_remote",
             lambda: self._executor.get_channel_from_remote(name, channel),
         )
+
+
+class BlockingInvocation:
+    """``Invocation`` for sync code: the same methods, blocking."""
+
+    def __init__(self, owner: BlockingExecutor, invocation: Invocation) -> None:
+        self._owner = owner
+        self.invocation = invocation
+        self.id = invocation.id
+
+    def __repr__(self) -> str:
+        return f"<BlockingInvocation {self.id}>"
+
+    def result(self) -> Any:
+        """Its value once it has finished (or its error, raised here)."""
+        return self._owner._call("result", self.invocation.result)
+
+    def info(self) -> InvocationInfo:
+        return self._owner._call("info", self.invocation.info)
+
+    def cancel(self) -> InvocationInfo:
+        """Ask it to stop; its info after the request."""
+        return self._owner._call("cancel", self.invocation.cancel)
+
+    def follow_log(self) -> BlockingStream[LogEntry]:
+        """Its log records as they come, until it has finished."""
+        return self._owner._stream("follow_log", self.invocation.follow_log)
 
 
 class BlockingStream(Generic[T]):

@@ -29,6 +29,8 @@ from remote_exec.exceptions import (
 )
 from remote_exec.executor import (
     Executor,
+    Invocation,
+    MappedStream,
     RemoteStream,
     call_deadline,
     check_channel,
@@ -36,10 +38,17 @@ from remote_exec.executor import (
     config_of,
     module_name,
     resolve_call,
+    submittable,
     wait_for_answer,
 )
 from remote_exec.framing import pack_frames
-from remote_exec.invocations import InvocationInfo, InvocationStatus
+from remote_exec.invocations import (
+    InvocationInfo,
+    InvocationStatus,
+    LogEntry,
+    make_invocation_id,
+    new_session,
+)
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
 from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry, qualified_name
@@ -81,6 +90,25 @@ class _Pending:
     def fail(self, exc: BaseException) -> None:
         self.error = exc
         self.done.set()
+
+
+class _Hello(_Pending):
+    """The answer to ``hello``: nothing to do, unless it is a refusal."""
+
+    __slots__ = ("executor",)
+
+    def __init__(self, executor: RemoteExecutor) -> None:
+        super().__init__(None, executor._new_event())
+        self.executor = executor
+
+    def resolve(self, message: Message) -> None:
+        if isinstance(message, Failure):
+            self.executor._connection_lost(
+                ConnectionLostError(f"the server refused this connection: {message.message}")
+            )
+
+    def fail(self, exc: BaseException) -> None:
+        pass
 
 
 class _StreamInbox:
@@ -276,6 +304,9 @@ class RemoteExecutor(Executor):
         self._task_group: TaskGroup | None = None
         self._lost: BaseException | None = None
         self._new_event: Callable[[], anyio.Event] = anyio.Event
+        # The prefix of this connection's invocation ids: the id of the call
+        # sent as stream ``n`` is ``f"{session}-{n}"`` (told to the server first).
+        self.session = new_session()
 
     # -- to implement ----------------------------------------------------------
     @abstractmethod
@@ -295,11 +326,22 @@ class RemoteExecutor(Executor):
         try:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
             self._task_group.start_soon(self._read_loop, name=f"{type(self).__name__} reader")
+            await self._hello()
         except BaseException:
+            if self._task_group is not None:
+                self._task_group.cancel_scope.cancel()
             await stack.aclose()
             await self._transport.aclose()
             raise
         self._exit_stack = stack
+
+    async def _hello(self) -> None:
+        """Tell the server this connection's session (the prefix of its
+        invocation ids). Not awaited: the calls that follow need no answer
+        first, and a refusal (never expected) fails the connection."""
+        stream_id = self._connection.send_call("", "hello", [self.session])
+        self._waiters[stream_id] = _Hello(self)
+        await self._flush()
 
     async def _stop(self) -> None:
         connection, transport = self._connection, self._transport
@@ -587,6 +629,35 @@ class RemoteExecutor(Executor):
         return InvocationInfo.from_wire(
             await self._request("", "cancel_invocation", [invocation_id])
         )
+
+    async def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Invocation:
+        self._check_usable()
+        obj, marker = submittable(fn)
+        target = self.registry.require_name(obj)
+        accepted = _Pending(None, self._new_event())
+        # Only the method's own bound travels: the submitting task's is for sending.
+        meta: dict[str, Any] = {"detached": True}
+        if marker.timeout is not None:
+            meta["deadline"] = marker.timeout
+        stream_id = await self._send_call(
+            target, marker.name, args, kwargs, waiter=accepted, meta=meta
+        )
+
+        async def was_accepted() -> None:
+            await accepted.done.wait()
+            if accepted.error is not None:
+                raise accepted.error
+
+        return Invocation(self, make_invocation_id(self.session, stream_id), was_accepted)
+
+    async def invocation_result(self, invocation_id: str) -> Any:
+        self._check_usable()
+        return await self._request("", "invocation_result", [invocation_id])
+
+    def follow_log(self, invocation_id: str) -> RemoteStream:
+        self._check_usable()
+        stream = _Stream(self, "", "follow_log", [invocation_id], {}, None, self.window)
+        return MappedStream(stream, LogEntry.from_wire)
 
     async def get_echo_clock(self) -> tuple[int, int, int]:
         self._check_usable()

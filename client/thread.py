@@ -34,20 +34,29 @@ from remote_exec.exceptions import (
 )
 from remote_exec.executor import (
     Executor,
+    Invocation,
     RemoteStream,
     call_deadline,
     config_of,
     module_name,
     resolve_call,
+    submittable,
     wait_for_answer,
 )
-from remote_exec.invocations import InvocationInfo, InvocationStatus
+from remote_exec.invocations import (
+    InvocationInfo,
+    InvocationStatus,
+    make_invocation_id,
+    new_session,
+)
 from remote_exec.protocol import DEFAULT_WINDOW
 from remote_exec.registry import InstanceRegistry
 from remote_exec.runtime.backend import threadsafe_call_soon
 from remote_exec.runtime.calls import Runner, RuntimeCall, StreamCall
+from remote_exec.runtime.detached import DetachedPeer
 from remote_exec.runtime.events import EventHub
 from remote_exec.runtime.instances import Instance
+from remote_exec.runtime.invocations import LogFollower, detached_outcome
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 
 __all__ = ["ThreadExecutor", "ThreadStream"]
@@ -99,6 +108,7 @@ class _LocalPeer:
         self.calls: dict[int, RuntimeCall] = {}
         self.call_soon: Callable[..., object] = _not_started
         self._ids = itertools.count(1)
+        self.session = new_session()  # the prefix of its invocation ids
         self.check: CodecCheck | None = None  # ThreadExecutor(check_codec=True)
         self._waiting: dict[int, _Answer | _StreamInbox] = {}
         # The backend's own Event class: ``anyio.Event()`` looks the backend up each time.
@@ -211,13 +221,20 @@ class ThreadExecutor(Executor):
         self._events = EventHub()
         self._runtime = InstanceRuntime(self.registry, self._events, threads_have_loops=True)
         self._peer = _LocalPeer(window)
+        self._detached = DetachedPeer(_not_started)  # submitted calls
         self.check_codec = check_codec
         if check_codec:
             self._peer.check = CodecCheck(self.registry)
 
+    @property
+    def session(self) -> str:
+        """The prefix of this executor's invocation ids."""
+        return self._peer.session
+
     # -- lifecycle -------------------------------------------------------------
     async def _start(self) -> None:
         self._peer.start()
+        self._detached.call_soon = self._peer.call_soon
         await anyio.lowlevel.checkpoint()
 
     async def _stop(self) -> None:
@@ -228,6 +245,7 @@ class ThreadExecutor(Executor):
             # and is answered; then whoever still waits is told.
             reason = "the executor was stopped"
             self._peer.cut_streams(reason)
+            self._detached.stop()
             await self._runtime.close(reason)
             self._peer.stop(reason)
             self._events.close()
@@ -353,6 +371,41 @@ class ThreadExecutor(Executor):
         return stream
 
     # -- invocations -------------------------------------------------------------
+    async def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Invocation:
+        self.check_running()
+        obj, marker = submittable(fn)
+        instance = self._instance(obj)
+        peer, detached = self._peer, self._detached
+        arguments = list(args)
+        if peer.check is not None:
+            peer.check.call(arguments, kwargs)
+        call = self._runtime.call(
+            detached,
+            detached.next_id(),
+            instance,
+            marker,
+            arguments,
+            kwargs,
+            marker.timeout,  # its own bound only: the submitting task's is not its
+            invocation_id=make_invocation_id(peer.session, peer.next_id()),
+            detached=True,
+        )
+        await anyio.lowlevel.checkpoint()
+        return Invocation(self, call.invocation.id)
+
+    async def invocation_result(self, invocation_id: str) -> Any:
+        self.check_running()
+        scope = await detached_outcome(
+            self._runtime.invocations, invocation_id, self._peer.call_soon
+        )
+        if scope.failure is not None:
+            raise scope.failure
+        return scope.value
+
+    def follow_log(self, invocation_id: str) -> RemoteStream:
+        self.check_running()
+        return LogFollower(self._runtime.invocations, invocation_id, self._peer.call_soon)
+
     async def list_invocations(
         self,
         *,

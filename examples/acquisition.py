@@ -6,11 +6,13 @@ One task starts a long cooperative acquisition; a second one (standing in for
 a colleague's dashboard) finds it among the running invocations and cancels
 it by id; the acquisition stops within one step and the next call starts at
 once. Then a call whose deadline passes while it waits in the queue never
-runs.
+runs. Last, an acquisition is submitted (detached: it would outlive this
+client), its log is followed live, and it is stopped through its handle.
 """
 
 from __future__ import annotations
 
+import logging
 import sys
 
 import anyio
@@ -26,6 +28,8 @@ from remote_exec import (
     current_invocation_id,
 )
 
+log = logging.getLogger("spectrometer")
+
 
 class Spectrometer:
     def __init__(self) -> None:
@@ -39,6 +43,7 @@ class Spectrometer:
             for i in range(n):
                 cancellable_sleep(0.05)  # exposure: cut short by a cancel
                 self.spectra.append(i)
+                log.info("spectrum %d taken", i)  # kept in this invocation's log
         except InvocationCancelled:
             print(f"stopped after {len(self.spectra)} spectra", flush=True)
             raise
@@ -92,6 +97,19 @@ async def main(kind: str = "thread") -> None:
                     print(f"dark frame: {exc.where}, never taken", flush=True)
             for info in await executor.list_invocations(instance="spectrometer"):
                 print(f"{info.method:10} {info.status:9} {info.error or ''}")
+
+            # Submitted: it runs on whatever happens to this task; its log, live.
+            invocation = await executor.submit(spectrometer.acquire, 10_000)
+            async with invocation.follow_log() as records:
+                async for record in records:  # ends when the invocation does
+                    print(f"live: {record.level} {record.message}", flush=True)
+                    if record.message == "spectrum 2 taken":
+                        await invocation.cancel()
+            try:
+                await invocation.result()
+            except InvocationCancelled:
+                info = await invocation.info()
+                print(f"submitted acquisition {info.status}, {len(info.log)} records kept")
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from .client import (
         BlockingExecutor as BlockingExecutor,
         ProcessExecutor as ProcessExecutor,
+        RayExecutor as RayExecutor,
         ThreadExecutor as ThreadExecutor,
         WebSocketExecutor as WebSocketExecutor,
         apply_executor as apply_executor,
@@ -54,6 +55,7 @@ if TYPE_CHECKING:
         NO_CALLBACK as NO_CALLBACK,
         Executor as Executor,
         ExecutorContext as ExecutorContext,
+        Invocation as Invocation,
         RemoteStream as RemoteStream,
         current_executor as current_executor,
     )
@@ -72,6 +74,7 @@ _HOMES: dict[str, str] = {
     # remote_exec.client
     "BlockingExecutor": "remote_exec.client",
     "ProcessExecutor": "remote_exec.client",
+    "RayExecutor": "remote_exec.client",
     "ThreadExecutor": "remote_exec.client",
     "WebSocketExecutor": "remote_exec.client",
     "apply_executor": "remote_exec.client",
@@ -100,6 +103,7 @@ _HOMES: dict[str, str] = {
     "NO_CALLBACK": "remote_exec.executor",
     "Executor": "remote_exec.executor",
     "ExecutorContext": "remote_exec.executor",
+    "Invocation": "remote_exec.executor",
     "RemoteStream": "remote_exec.executor",
     "current_executor": "remote_exec.executor",
     # remote_exec.invocations
@@ -127,6 +131,7 @@ __all__ = [
     "ExecutorStateError",
     "FrameError",
     "InstanceRegistry",
+    "Invocation",
     "InvocationCancelled",
     "InvocationInfo",
     "InvocationStatus",
@@ -134,6 +139,7 @@ __all__ = [
     "NotAllowedError",
     "ProcessExecutor",
     "ProtocolError",
+    "RayExecutor",
     "RegistryError",
     "RemoteException",
     "RemoteExecConnectionError",

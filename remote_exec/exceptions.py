@@ -255,8 +255,11 @@ def client_traceback(exc: BaseException) -> str:
     server's install layout and user names: a module's file is named from
     its package down (``mylab/stage.py``, ``anyio/_core/_tasks.py``), any
     other file by its base name (``script.py``); ``<string>``-like names stay.
-    The server logs the full traceback.
+    The server logs the full traceback. A remote error kept without its
+    frames (``remote_exception``) gives the traceback it arrived with.
     """
+    if isinstance(exc, RemoteException) and exc.__traceback__ is None and exc.remote_traceback:
+        return exc.remote_traceback
     modules = _frame_modules(exc)
     text = "".join(traceback.format_exception(exc))
     return _FILE_LINE.sub(

@@ -16,7 +16,7 @@ import sys
 import threading
 import warnings
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from types import ModuleType, TracebackType
@@ -35,6 +35,7 @@ __all__ = [
     "NO_CALLBACK",
     "Executor",
     "ExecutorContext",
+    "Invocation",
     "RemoteStream",
     "current_executor",
 ]
@@ -340,6 +341,89 @@ class RemoteStream(ABC):
         )
 
 
+class MappedStream(RemoteStream):
+    """Another stream's items, each passed through ``convert``."""
+
+    def __init__(self, stream: RemoteStream, convert: Callable[[Any], Any]) -> None:
+        self._stream = stream
+        self._convert = convert
+
+    async def __anext__(self) -> Any:
+        return self._convert(await self._stream.__anext__())
+
+    async def aclose(self) -> None:
+        await self._stream.aclose()
+
+
+class Invocation:
+    """A handle on one invocation, by id (``executor.submit(...)`` or
+    ``executor.invocation(id)``): its outcome, its info, its log; cancel it."""
+
+    __slots__ = ("_accepted", "executor", "id")
+
+    def __init__(
+        self,
+        executor: Executor,
+        invocation_id: str,
+        accepted: Callable[[], Awaitable[object]] | None = None,
+    ) -> None:
+        self.executor = executor
+        self.id = invocation_id
+        # Awaits the remote side's acceptance of a submitted call (raises its refusal).
+        self._accepted = accepted
+
+    def __repr__(self) -> str:
+        return f"<Invocation {self.id} of {type(self.executor).__name__}>"
+
+    async def _started(self) -> None:
+        accepted = self._accepted
+        if accepted is not None:
+            await accepted()
+            self._accepted = None
+
+    async def result(self) -> Any:
+        """Its value once it has finished (or its error, raised here)."""
+        await self._started()
+        return await self.executor.invocation_result(self.id)
+
+    async def info(self) -> InvocationInfo:
+        await self._started()
+        return await self.executor.get_invocation(self.id)
+
+    async def cancel(self) -> InvocationInfo:
+        """Ask it to stop (see ``Executor.cancel_invocation``)."""
+        await self._started()
+        return await self.executor.cancel_invocation(self.id)
+
+    def follow_log(self) -> RemoteStream:
+        """Its log records as they come (see ``Executor.follow_log``)."""
+        return self.executor.follow_log(self.id)
+
+
+def bound_method(fn: Callable[..., Any], what: str) -> tuple[Any, RemoteMethod]:
+    """The object and marker of a bound decorated method (``obj.method``).
+
+    Raises:
+        TypeError: ``fn`` is not one (``what`` says who wanted it).
+    """
+    marker = getattr(fn, "__remote_exec__", None)
+    obj = getattr(fn, "__self__", None)
+    if not isinstance(marker, RemoteMethod) or obj is None:
+        raise TypeError(
+            f"{what} takes a bound method decorated with apply_executor "
+            f"or apply_generator_executor (obj.method), not {fn!r}"
+        )
+    return obj, marker
+
+
+def submittable(fn: Callable[..., Any]) -> tuple[Any, RemoteMethod]:
+    """``bound_method`` for ``submit``: a decorated method that is not a generator."""
+    obj, marker = bound_method(fn, "submit()")
+    if marker.is_generator:
+        raise TypeError(f"{marker.name} is a generator method: it cannot be submitted")
+    return obj, marker
+
+
 class Executor(ABC):
     """Runs decorated methods of held instances somewhere else.
 
@@ -493,6 +577,45 @@ class Executor(ABC):
         Its info as it is after the request.
 
         Raises:
+            LookupError: unknown, or expired.
+        """
+
+    @abstractmethod
+    async def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Invocation:
+        """Start a detached call of the decorated method ``fn`` (bound:
+        ``obj.method``) and return its handle as soon as the call is sent.
+
+        It keeps running when the submitting task is cancelled or its
+        connection is lost; anyone may read its status and outcome by id
+        (``invocation(id)``) until it expires. A deadline around ``submit``
+        bounds only the sending: the call's own bound is the method's ``timeout=``.
+
+        Raises:
+            TypeError: ``fn`` is not a bound decorated method, or a generator.
+        """
+
+    def invocation(self, invocation_id: str) -> Invocation:
+        """A handle on the existing invocation ``invocation_id``."""
+        if not isinstance(invocation_id, str):
+            raise TypeError(f"an invocation id is a str, not {type(invocation_id).__name__}")
+        return Invocation(self, invocation_id)
+
+    @abstractmethod
+    async def invocation_result(self, invocation_id: str) -> Any:
+        """The outcome of the submitted invocation ``invocation_id``, once it
+        has finished: its value, or its error raised here.
+
+        Raises:
+            LookupError: unknown, expired, or not submitted (its outcome went
+                to its caller).
+        """
+
+    @abstractmethod
+    def follow_log(self, invocation_id: str) -> RemoteStream:
+        """The log records (``LogEntry``) of ``invocation_id`` as they come:
+        those kept so far, then each new one, until it has finished.
+
+        Raises (when iterated):
             LookupError: unknown, or expired.
         """
 

@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import contextvars
 import enum
-import itertools
 import os
 import threading
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +36,11 @@ __all__ = [
 
 DEFAULT_MAX_LOG = 1000
 """Log records kept per invocation (the newest)."""
+YIELD_EVERY = 0.001
+"""Seconds between two GIL releases by ``check_cancelled()`` (see ``InvocationScope.check``)."""
+# Records arrive in the method's thread and are read on the loop; a record and
+# the count of records go together (rare: only while something logs).
+_LOG_LOCK = threading.Lock()
 
 
 class InvocationStatus(enum.StrEnum):
@@ -74,6 +78,14 @@ class LogEntry:
     logger: str
     message: str
 
+    def to_wire(self) -> list[Any]:
+        return [self.time, self.level, self.logger, self.message]
+
+    @classmethod
+    def from_wire(cls, row: Sequence[Any]) -> LogEntry:
+        time_, level, logger, message = row
+        return cls(float(time_), str(level), str(logger), str(message))
+
 
 @dataclass(frozen=True, slots=True)
 class InvocationInfo:
@@ -104,7 +116,7 @@ class InvocationInfo:
             "started_at": self.started_at,
             "ended_at": self.ended_at,
             "error": self.error,
-            "log": [[e.time, e.level, e.logger, e.message] for e in self.log],
+            "log": [entry.to_wire() for entry in self.log],
         }
 
     @classmethod
@@ -119,7 +131,7 @@ class InvocationInfo:
             started_at=data.get("started_at"),
             ended_at=data.get("ended_at"),
             error=data.get("error"),
-            log=tuple(LogEntry(float(t), str(lv), str(lg), str(m)) for t, lv, lg, m in log),
+            log=tuple(LogEntry.from_wire(row) for row in log),
         )
 
 
@@ -130,18 +142,24 @@ class InvocationScope:
 
     __slots__ = (
         "_event",
+        "_watchers",
+        "_yielded",
         "by_id",
         "cancelled",
         "deadline",
+        "detached",
         "ended_at",
         "error",
+        "failure",
         "id",
         "instance",
         "log",
+        "logged",
         "method",
         "requested_at",
         "started_at",
         "status",
+        "value",
     )
 
     def __init__(self, invocation_id: str, instance: str = "", method: str = "") -> None:
@@ -158,6 +176,13 @@ class InvocationScope:
         self.ended_at: float | None = None
         self.error: str | None = None
         self.log: deque[LogEntry] | None = None  # made at the first record
+        self.logged = 0  # records ever added (the log keeps the newest)
+        self._watchers: list[Callable[[], object]] | None = None
+        self._yielded = 0.0  # when ``check`` last let other threads run
+        # A detached invocation keeps its outcome for whoever asks by id.
+        self.detached = False
+        self.value: Any = None
+        self.failure: BaseException | None = None
 
     def start(self) -> None:
         if self.status is InvocationStatus.PENDING:
@@ -178,12 +203,41 @@ class InvocationScope:
         self.ended_at = time.time()
         if error is not None:
             self.error = f"{type(error).__name__}: {error}"
+        self._notify()
 
     def add_log(self, entry: LogEntry, limit: int = DEFAULT_MAX_LOG) -> None:
-        log = self.log
-        if log is None:
-            log = self.log = deque(maxlen=limit)
-        log.append(entry)  # deque appends are atomic: the loop may read meanwhile
+        """Keep a record (from the thread or task the method runs in)."""
+        with _LOG_LOCK:
+            log = self.log
+            if log is None:
+                log = self.log = deque(maxlen=limit)
+            log.append(entry)
+            self.logged += 1
+        self._notify()
+
+    def new_entries(self, seen: int) -> tuple[list[LogEntry], int]:
+        """The records added since ``seen`` were (those the bound kept), and the new count."""
+        with _LOG_LOCK:
+            logged, log = self.logged, self.log
+            if log is None or logged == seen:
+                return [], logged
+            entries = list(log)
+        return entries[max(len(entries) - (logged - seen), 0) :], logged
+
+    def watch(self, wake: Callable[[], object]) -> Callable[[], None]:
+        """Call ``wake()`` (from any thread) at each new record and at the end;
+        returns what stops it."""
+        watchers = self._watchers
+        if watchers is None:
+            watchers = self._watchers = []
+        watchers.append(wake)
+        return lambda: watchers.remove(wake) if wake in watchers else None
+
+    def _notify(self) -> None:
+        watchers = self._watchers
+        if watchers:
+            for wake in list(watchers):
+                wake()
 
     def info(self) -> InvocationInfo:
         return InvocationInfo(
@@ -195,8 +249,14 @@ class InvocationScope:
             self.started_at,
             self.ended_at,
             self.error,
-            tuple(self.log) if self.log else (),
+            self._log_copy(),
         )
+
+    def _log_copy(self) -> tuple[LogEntry, ...]:
+        if not self.log:
+            return ()
+        with _LOG_LOCK:
+            return tuple(self.log)
 
     def cancel(self, *, by_id: bool = False) -> None:
         """Ask the call to stop (from any thread)."""
@@ -228,10 +288,19 @@ class InvocationScope:
         return DeadlineExceeded(f"invocation {self.id} passed its deadline while {where}")
 
     def check(self) -> None:
-        """Raise if asked to stop or past the deadline (``check_cancelled``)."""
+        """Raise if asked to stop or past the deadline (``check_cancelled``).
+
+        A sync loop that only checks holds the GIL, and the thread that would
+        deliver a cancel waits up to the switch interval (5 ms) to run: every
+        millisecond, the check lets it (``time.sleep(0)``).
+        """
+        now = time.monotonic()
+        if now - self._yielded >= YIELD_EVERY:
+            self._yielded = now
+            time.sleep(0)
         if self.cancelled:
             raise self.cancelled_error()
-        if self.deadline is not None and time.monotonic() >= self.deadline:
+        if self.deadline is not None and now >= self.deadline:
             raise self.deadline_error("running")
 
 
@@ -239,13 +308,19 @@ current: contextvars.ContextVar[InvocationScope | None] = contextvars.ContextVar
     "remote_exec_invocation", default=None
 )
 
-_PREFIX = f"{os.getpid():x}{os.urandom(4).hex()}-"
-_counter = itertools.count(1)
+
+def new_session() -> str:
+    """A caller's random prefix for the ids of its invocations.
+
+    An invocation's id is ``f"{session}-{n}"``: the caller's session (one per
+    connection, or per ThreadExecutor) and the call's stream id on it, so the
+    caller knows each id before the call is sent, without sending it.
+    """
+    return os.urandom(8).hex()
 
 
-def new_invocation_id() -> str:
-    """An id unique across processes and machines (a random prefix, then a count)."""
-    return f"{_PREFIX}{next(_counter)}"
+def make_invocation_id(session: str, sid: int) -> str:
+    return f"{session}-{sid}"
 
 
 def current_invocation_id() -> str | None:

@@ -34,7 +34,7 @@ from remote_exec.exceptions import (
     UnknownInstanceError,
 )
 from remote_exec.executor import RemoteMethod
-from remote_exec.invocations import InvocationScope, current, new_invocation_id
+from remote_exec.invocations import InvocationScope, current, make_invocation_id
 
 from .instances import Entry, Instance
 from .worker import Job
@@ -80,6 +80,8 @@ class Peer(Protocol):
 
     alive: bool
     calls: dict[int, RuntimeCall]
+    # The caller's prefix of its invocation ids (``new_session``).
+    session: str
     # The peer loop's thread-safe, FIFO entry point (worker threads use it).
     call_soon: Callable[..., object]
 
@@ -134,8 +136,9 @@ class RuntimeCall:
         self.peer = peer
         self.sid = sid
         self.state = state
-        # Its id and record, and the stop request the method's own code can check.
-        self.invocation = InvocationScope(new_invocation_id(), instance, method)
+        # Its id (the caller's session and the call's stream id), its record,
+        # and the stop request the method's own code can check.
+        self.invocation = InvocationScope(make_invocation_id(peer.session, sid), instance, method)
 
     def _move(self, new: CallState) -> None:
         if new not in self.moves[self.state]:

@@ -9,11 +9,23 @@ from __future__ import annotations
 
 import time
 from collections import OrderedDict
+from collections.abc import AsyncGenerator, Callable
 from typing import Any, Protocol
 
-from remote_exec.invocations import InvocationInfo, InvocationScope, InvocationStatus
+import anyio
 
-__all__ = ["DEFAULT_MAX_FINISHED", "DEFAULT_RETENTION", "InvocationTable"]
+from remote_exec.executor import RemoteStream
+from remote_exec.invocations import InvocationInfo, InvocationScope, InvocationStatus, LogEntry
+
+__all__ = [
+    "DEFAULT_MAX_FINISHED",
+    "DEFAULT_RETENTION",
+    "InvocationTable",
+    "LogFollower",
+    "detached_outcome",
+    "follow_log",
+    "wait_finished",
+]
 
 DEFAULT_RETENTION = 300.0
 """Seconds a finished invocation stays readable by id."""
@@ -43,8 +55,14 @@ class InvocationTable:
     def __len__(self) -> int:
         return len(self._live) + len(self._finished)
 
-    def add(self, call: _Cancellable) -> None:
-        self._live[call.invocation.id] = call
+    def add(self, call: _Cancellable) -> bool:
+        """Track ``call``; False if its id is taken (by a live or kept invocation)."""
+        invocation_id = call.invocation.id
+        live = self._live
+        if invocation_id in live or invocation_id in self._finished:
+            return False
+        live[invocation_id] = call
+        return True
 
     def finished(self, call: _Cancellable) -> None:
         """``call`` is over: keep its record for the retention."""
@@ -64,11 +82,21 @@ class InvocationTable:
                 break
             finished.popitem(last=False)
 
-    def _scope(self, invocation_id: Any) -> InvocationScope | None:
-        call = self._live.get(invocation_id)
-        if call is not None:
-            return call.invocation
-        return self._finished.get(invocation_id)
+    def scope(self, invocation_id: Any) -> InvocationScope:
+        """The record of ``invocation_id``.
+
+        Raises:
+            LookupError: no such invocation, or it expired.
+        """
+        self._prune()
+        if isinstance(invocation_id, str):
+            call = self._live.get(invocation_id)
+            if call is not None:
+                return call.invocation
+            scope = self._finished.get(invocation_id)
+            if scope is not None:
+                return scope
+        raise LookupError(f"no invocation {invocation_id!r} (unknown, or expired)")
 
     def get(self, invocation_id: Any) -> InvocationInfo:
         """The invocation ``invocation_id``.
@@ -76,11 +104,7 @@ class InvocationTable:
         Raises:
             LookupError: no such invocation, or it expired.
         """
-        self._prune()
-        scope = self._scope(invocation_id) if isinstance(invocation_id, str) else None
-        if scope is None:
-            raise LookupError(f"no invocation {invocation_id!r} (unknown, or expired)")
-        return scope.info()
+        return self.scope(invocation_id).info()
 
     def list(
         self,
@@ -115,3 +139,83 @@ class InvocationTable:
         if call is not None:
             call.cancel_by_id()
         return self.get(invocation_id)
+
+
+async def wait_finished(scope: InvocationScope, call_soon: Callable[..., object]) -> None:
+    """Until ``scope`` has finished (``call_soon``: its loop's thread-safe entry point)."""
+    done = anyio.Event()
+    # The lambda reads ``done`` when it runs: it always sets the current event.
+    unwatch = scope.watch(lambda: call_soon(done.set))
+    try:
+        while not scope.status.finished:
+            await done.wait()
+            done = anyio.Event()
+    finally:
+        unwatch()
+
+
+async def follow_log(
+    scope: InvocationScope, call_soon: Callable[..., object]
+) -> AsyncGenerator[list[LogEntry], None]:
+    """``scope``'s log records, those kept so far then each new batch as it
+    comes, until the invocation has finished and its last records were given."""
+    wake = anyio.Event()
+    # The lambda reads ``wake`` when it runs: it always sets the current event.
+    unwatch = scope.watch(lambda: call_soon(wake.set))
+    try:
+        seen = 0
+        while True:
+            wake = anyio.Event()  # set by any record, or the end, from now on
+            finished = scope.status.finished  # before the read: nothing logged after is missed
+            entries, seen = scope.new_entries(seen)
+            if entries:
+                yield entries
+            if finished:
+                return
+            if seen == scope.logged and not scope.status.finished:
+                await wake.wait()
+    finally:
+        unwatch()
+
+
+async def detached_outcome(
+    table: InvocationTable, invocation_id: Any, call_soon: Callable[..., object]
+) -> InvocationScope:
+    """The record of the submitted invocation ``invocation_id``, once it has
+    finished (its ``value`` or ``failure`` is its outcome).
+
+    Raises:
+        LookupError: unknown, expired, or not submitted.
+    """
+    scope = table.scope(invocation_id)
+    if not scope.detached:
+        raise LookupError(
+            f"invocation {scope.id} was not submitted: its outcome went to its caller"
+        )
+    await wait_finished(scope, call_soon)
+    return scope
+
+
+class LogFollower(RemoteStream):
+    """``follow_log`` one record at a time, as a stream (``Executor.follow_log``)."""
+
+    def __init__(
+        self, table: InvocationTable, invocation_id: str, call_soon: Callable[..., object]
+    ) -> None:
+        self._table = table
+        self._id = invocation_id
+        self._call_soon = call_soon
+        self._batches: AsyncGenerator[list[LogEntry], None] | None = None
+        self._pending: list[LogEntry] = []
+
+    async def __anext__(self) -> LogEntry:
+        if self._batches is None:
+            self._batches = follow_log(self._table.scope(self._id), self._call_soon)
+        while not self._pending:
+            self._pending = await self._batches.__anext__()
+        return self._pending.pop(0)
+
+    async def aclose(self) -> None:
+        batches, self._batches = self._batches, None
+        if batches is not None:
+            await batches.aclose()

@@ -52,6 +52,7 @@ from .calls import AsyncCall, InlineCall, Peer, RuntimeCall, StreamCall, SyncCal
 from .events import EventHub
 from .instances import Instance, InternalJob, exclusive
 from .invocations import InvocationTable
+from .logcapture import capturing_logs, release_logs
 from .worker import InstanceWorker
 
 __all__ = ["InstanceRuntime", "sleep_until"]
@@ -90,6 +91,7 @@ class InstanceRuntime:
         self.close_grace = close_grace
         self.instances: dict[str, Instance] = {}
         self._creating: dict[str, anyio.Event] = {}
+        self._capturing = False  # capturing what methods log (from the first instance)
 
     def __len__(self) -> int:
         """Instances held or being created (for caps)."""
@@ -167,6 +169,9 @@ class InstanceRuntime:
             )
             if owner is not None:
                 owner.add(name)
+            if not self._capturing:
+                self._capturing = True
+                capturing_logs()
         finally:
             del self._creating[name]
             done.set()
@@ -213,6 +218,9 @@ class InstanceRuntime:
         """
         instances = list(self.instances.values())
         self.instances.clear()
+        if self._capturing:
+            self._capturing = False
+            release_logs()
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for instance in instances:
@@ -252,24 +260,27 @@ class InstanceRuntime:
         args: list[Any],
         kwargs: dict[str, Any],
         deadline: float | None = None,
+        invocation_id: str | None = None,
+        *,
+        detached: bool = False,
     ) -> RuntimeCall:
         """Queue a call of a decorated method (a stream for a generator).
 
         ``deadline``: seconds it may take from now (None: no bound).
+        ``invocation_id``: its id, if not ``peer``'s own for ``sid`` (a
+        detached call, run for the connection that sent it). ``detached``: its
+        outcome is kept on its record (``peer`` keeps it there).
+
+        Raises:
+            ValueError: the invocation id is taken (nothing was queued).
         """
         call: RuntimeCall
         if marker.is_generator:
             runner = None
             if marker.is_async and not instance.async_in_thread:
                 runner = peer.runner_for(instance)
-            stream = StreamCall(peer, sid, instance, marker, args, kwargs, runner)
-            if deadline is not None:
-                stream.invocation.deadline = time.monotonic() + deadline
-            peer.calls[sid] = stream
-            self.invocations.add(stream)
-            stream.begin()
-            return stream
-        if instance.async_in_thread:  # every call in the instance's thread
+            call = StreamCall(peer, sid, instance, marker, args, kwargs, runner)
+        elif instance.async_in_thread:  # every call in the instance's thread
             call = SyncCall(
                 peer, sid, instance, marker.func, args, kwargs, marker.name, marker.is_async
             )
@@ -279,11 +290,20 @@ class InstanceRuntime:
             call = SyncCall(peer, sid, instance, marker.func, args, kwargs, marker.name)
         else:
             call = InlineCall(peer, sid, instance, marker.func, args, kwargs, marker.name)
+        scope = call.invocation
+        if invocation_id is not None:
+            scope.id = invocation_id
+        if detached:
+            scope.detached = True
         if deadline is not None:
-            call.invocation.deadline = time.monotonic() + deadline
+            scope.deadline = time.monotonic() + deadline
+        if not self.invocations.add(call):
+            raise ValueError(f"the invocation id {scope.id!r} is taken")
         peer.calls[sid] = call
-        self.invocations.add(call)
-        instance.enqueue(call)
+        if isinstance(call, StreamCall):
+            call.begin()
+        else:
+            instance.enqueue(call)
         return call
 
     def read(self, peer: Peer, sid: int, instance: Instance, fn: Callable[[], Any]) -> None:

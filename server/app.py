@@ -34,7 +34,16 @@ no message is ever decompressed; nothing of a connection (its socket, its
 buffers, its tasks) outlives it (``harden_hypercorn``, called by ``serve``).
 Every TCP connection passes a ``ConnectionGate``, which caps those that have
 not authenticated a websocket, and keeps them from exhausting the process's
-file descriptors. ``docs/security.md`` lists every default.
+file descriptors.
+
+A client that reads its replies slower than it sends calls is held back: past
+``max_outgoing_bytes`` of replies waiting for it, its connection reads nothing
+more (``Connection``), so hypercorn's queue for it fills and its TCP window
+closes. One that reads nothing of a message for ``idle_timeout`` (or for the
+grace, once the server shuts down) has its TCP connection dropped at once
+(``ASGIWebSocketTransport.watch_sends``), and the disconnect reaches the app
+even while it is not reading (``_guarded_put``). ``docs/security.md`` lists
+every default.
 """
 
 from __future__ import annotations
@@ -62,6 +71,8 @@ from remote_exec.exceptions import ConnectionLostError
 from remote_exec.protocol import Limits
 from remote_exec.runtime.auth import bearer_token, check_token
 from remote_exec.runtime.backend import is_trio
+
+from .connection import DEFAULT_MAX_OUTGOING_BYTES
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -125,17 +136,46 @@ _INTERNAL_ERROR = 1011
 
 
 class ASGIWebSocketTransport:
-    """A ``FrameTransport`` over an accepted ASGI websocket: one frame per binary message."""
+    """A ``FrameTransport`` over an accepted ASGI websocket: one frame per binary message.
 
-    def __init__(self, receive: Receive, send: Send, *, max_size: int | None = None) -> None:
+    A client that stops reading stops the daemon's writes to it, and nothing
+    can cut a message short (it would corrupt the connection): ``watch_sends``
+    drops the TCP connection (``abort``) of a client that has not read one
+    message within the stall timeout, or within the grace once the server is
+    shutting down. ``max_outgoing_bytes`` is for the ``Connection``: the bytes
+    of replies that may wait to be written before it stops reading
+    (``remote_exec.server.connection.DEFAULT_MAX_OUTGOING_BYTES``).
+    """
+
+    def __init__(
+        self,
+        receive: Receive,
+        send: Send,
+        *,
+        max_size: int | None = None,
+        max_outgoing_bytes: int | None = None,
+        abort: Callable[[], object] | None = None,
+        peer: str = "",
+    ) -> None:
         self._receive = receive
         self._send = send
         self._max_size = max_size
+        self.max_outgoing_bytes = max_outgoing_bytes
+        self._abort = abort  # closes the TCP connection at once (None: cannot)
+        self.peer = peer
         self._lock = anyio.Lock(fast_acquire=True)
         self.closed = False
         self.close_reason = ""
+        self.aborted = False
         # What ``aclose`` (called by the dispatcher) says; 1001 once the server stops.
         self.going_away = False
+        # When the message being written began (time.monotonic()), None between
+        # messages; and what ``watch_sends`` goes by.
+        self._send_began: float | None = None
+        self._stall_timeout: float | None = None
+        self._going_away_at: float | None = None
+        self._grace = 0.0
+        self._poke: anyio.Event | None = None
 
     async def send_frame(self, pieces: Sequence[bytes | memoryview]) -> None:
         if self.closed:
@@ -144,11 +184,18 @@ class ASGIWebSocketTransport:
             # Once started, the frames are finished: a cut one would corrupt the rest.
             with anyio.CancelScope(shield=True):
                 for message in _messages(pieces):
+                    self._send_began = time.monotonic()
                     try:
                         await self._send({"type": "websocket.send", "bytes": message})
                     except Exception as exc:  # the server's connection is gone
                         self.closed = True
                         raise ConnectionLostError(f"sending failed: {exc!r}") from exc
+                    finally:
+                        self._send_began = None
+                    if self.aborted:
+                        raise ConnectionLostError(
+                            f"the connection was dropped: {self.close_reason}"
+                        )
 
     async def receive_frame(self) -> bytes:
         if self.closed:
@@ -190,6 +237,74 @@ class ASGIWebSocketTransport:
             await self.close(_GOING_AWAY, "server shutting down")
         else:
             await self.close(_NORMAL, "")
+
+    def go_away(self, grace: float) -> None:
+        """The server is shutting down: close with 1001, and a message that has
+        not gone out within ``grace`` seconds from now drops the connection."""
+        self.going_away = True
+        self._going_away_at = time.monotonic()
+        self._grace = grace
+        if self._poke is not None:
+            self._poke.set()
+
+    def abort(self, reason: str) -> None:
+        """Drop the TCP connection at once (what is buffered for it goes too):
+        a send stuck on it fails, and so does everything after it."""
+        if self.aborted:
+            return
+        self.aborted = self.closed = True
+        self.close_reason = reason
+        if self._abort is not None:
+            with contextlib.suppress(Exception):  # gone already
+                self._abort()
+
+    def _deadline(self) -> float:
+        """When the message being written has taken too long (inf: never, or none)."""
+        began = self._send_began
+        if began is None:
+            return math.inf
+        deadline = began + self._stall_timeout if self._stall_timeout else math.inf
+        if self._going_away_at is not None:
+            deadline = min(deadline, max(began, self._going_away_at) + self._grace)
+        return deadline
+
+    async def watch_sends(self, stall_timeout: float | None) -> None:
+        """Drop the connection of a client that does not read: one websocket
+        message (at most ``CUT_ABOVE`` bytes) not written within
+        ``stall_timeout`` seconds (None: no limit), or within the grace once
+        the server is going away. Runs until cancelled, or until it drops it.
+
+        The check costs nothing per message (a clock read): this task sleeps
+        until the message under way, if any, could first be late.
+        """
+        self._stall_timeout = stall_timeout
+        while not self.aborted:
+            now = time.monotonic()
+            deadline = self._deadline()
+            if deadline <= now:
+                took = now - (self._send_began or now)
+                if self._stall_timeout and took >= self._stall_timeout:
+                    why = f"it read nothing for {took:.0f} s"
+                else:
+                    why = "the server is shutting down"
+                logger.warning(
+                    "client %s is not reading its replies (%s): connection dropped",
+                    self.peer or "?",
+                    why,
+                )
+                self.abort(f"the client did not read its replies ({why})")
+                return
+            if deadline == math.inf:
+                # Nothing under way: a message begun from now on is late no earlier than this.
+                limits = [self._stall_timeout or math.inf]
+                if self._going_away_at is not None:
+                    limits.append(self._grace)
+                wait = min(limits)
+            else:
+                wait = deadline - now
+            self._poke = poke = anyio.Event()
+            with anyio.move_on_after(wait):
+                await poke.wait()
 
 
 def _messages(pieces: Sequence[bytes | memoryview]) -> Iterator[bytes]:
@@ -269,6 +384,7 @@ class ConnectionGate:
         self.fd_reserve = fd_reserve
         self.stale_after = stale_after
         self._pending: dict[object, _Admitted] = {}  # oldest first
+        self._by_peer: dict[tuple[str, int], _Admitted] = {}  # every open one with a peer
         self._open = 0  # admitted connections not released yet (closing ones included)
         self._closing = 0  # of those, the ones dropped: their descriptors are on their way
         # When each socket accepted through ``before_accept`` and not admitted
@@ -302,6 +418,8 @@ class ConnectionGate:
             older.key = older
             self._pending[older] = older
         self._pending[entry.key] = entry
+        if peer is not None:
+            self._by_peer[peer] = entry
         self._open += 1
         budget = self.descriptor_budget()
         while len(self._pending) > 1:
@@ -344,6 +462,12 @@ class ConnectionGate:
         if peer:
             self._pending.pop(tuple(peer), None)
 
+    def closer(self, peer: Any) -> Callable[[], object] | None:
+        """What closes the TCP connection of ``peer`` (a scope's ``client``) at
+        once, while it is open; None if there is none."""
+        entry = self._by_peer.get(tuple(peer)) if peer else None
+        return None if entry is None else entry.close
+
     def release(self, entry: _Admitted) -> None:
         """The connection is over: its socket is closed."""
         if entry.released:
@@ -351,6 +475,8 @@ class ConnectionGate:
         entry.released = True
         if self._pending.get(entry.key) is entry:
             del self._pending[entry.key]
+        if entry.peer is not None and self._by_peer.get(entry.peer) is entry:
+            del self._by_peer[entry.peer]
         self._open -= 1
         if entry.dropped:
             self._closing -= 1
@@ -447,18 +573,25 @@ class RemoteExecApp:
         allowed_hosts: Iterable[str] = (),
         max_connections: int = DEFAULT_MAX_CONNECTIONS,
         max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
+        max_outgoing_bytes: int = DEFAULT_MAX_OUTGOING_BYTES,
         limits: Limits | None = None,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if max_pending_connections < 1:
             raise ValueError("max_pending_connections must be at least 1")
+        if max_outgoing_bytes < 1:
+            raise ValueError("max_outgoing_bytes must be at least 1")
         self.dispatcher = dispatcher
         self.limits = limits or Limits()
         self.max_connections = max_connections
         self.max_pending_connections = max_pending_connections
-        # Set by ``serve``: the gate every TCP connection passes.
+        self.max_outgoing_bytes = max_outgoing_bytes
+        # Set by ``serve``: the gate every TCP connection passes, and the time
+        # a client may take to read one message before it is dropped (the
+        # idle timeout; None: no limit).
         self.gate: ConnectionGate | None = None
+        self.stall_timeout: float | None = None
         self._token = token
         self._origins = frozenset(origin.rstrip("/").lower() for origin in allowed_origins)
         self.hosts = HostAllowList(allowed_hosts)
@@ -553,24 +686,38 @@ class RemoteExecApp:
             peer_logger.warning("refused websocket from %s: %s", peer or "?", refusal[1])
             await _deny(scope, send, *refusal)
             return
+        abort = None
         if self.gate is not None:
             self.gate.authenticated(scope.get("client"))
-        transport = ASGIWebSocketTransport(receive, send, max_size=self.limits.max_message_size)
+            abort = self.gate.closer(scope.get("client"))
+        transport = ASGIWebSocketTransport(
+            receive,
+            send,
+            max_size=self.limits.max_message_size,
+            max_outgoing_bytes=self.max_outgoing_bytes,
+            abort=abort,
+            peer=peer,
+        )
         connection = _Websocket(transport, peer)
         self._connections.add(connection)  # before any await: the cap holds
-        try:
-            await send({"type": "websocket.accept"})
-            logger.info("client %s connected", peer or "?")
-            with connection.cancel_scope:
-                await self.dispatcher.serve(transport, peer=peer)
-        except Exception:
-            # Never let one connection's failure reach the server.
-            logger.exception("connection from %s failed", peer or "?")
-            await transport.close(_INTERNAL_ERROR, "internal server error")
-        finally:
-            self._connections.discard(connection)
-            await transport.close(_NORMAL, "")
-            logger.info("client %s disconnected", peer or "?")
+        async with anyio.create_task_group() as watching:
+            # Outside the connection's cancel scope: it may still have to drop a
+            # client that does not read while the connection closes.
+            watching.start_soon(transport.watch_sends, self.stall_timeout)
+            try:
+                await send({"type": "websocket.accept"})
+                logger.info("client %s connected", peer or "?")
+                with connection.cancel_scope:
+                    await self.dispatcher.serve(transport, peer=peer)
+            except Exception:
+                # Never let one connection's failure reach the server.
+                logger.exception("connection from %s failed", peer or "?")
+                await transport.close(_INTERNAL_ERROR, "internal server error")
+            finally:
+                self._connections.discard(connection)
+                await transport.close(_NORMAL, "")
+                logger.info("client %s disconnected", peer or "?")
+                watching.cancel_scope.cancel()
 
     # -- HTTP ------------------------------------------------------------------------------
     async def _http(self, scope: Scope, send: Send) -> None:
@@ -660,7 +807,8 @@ class RemoteExecApp:
         every connection with code 1001. Idempotent."""
         self._closing = True
         for connection in self._connections:
-            connection.transport.going_away = True
+            # A client that does not read gets the grace too, then is dropped.
+            connection.transport.go_away(grace)
         if grace > 0 and self._in_flight():
             logger.info("waiting up to %s s for in-flight calls", grace)
             with anyio.move_on_after(grace):
@@ -692,6 +840,7 @@ def create_app(
     allowed_hosts: Iterable[str] = (),
     max_connections: int = DEFAULT_MAX_CONNECTIONS,
     max_pending_connections: int = DEFAULT_MAX_PENDING_CONNECTIONS,
+    max_outgoing_bytes: int = DEFAULT_MAX_OUTGOING_BYTES,
     limits: Limits | None = None,
 ) -> RemoteExecApp:
     """The ASGI app serving ``dispatcher``.
@@ -707,6 +856,9 @@ def create_app(
         max_connections: websocket connections served at once.
         max_pending_connections: TCP connections that have not authenticated
             yet (see ``ConnectionGate``).
+        max_outgoing_bytes: bytes of replies that may wait to be written to
+            one connection before the daemon stops reading from it, until its
+            client has read them (back-pressure).
         limits: ``max_message_size`` caps incoming messages.
     """
     return RemoteExecApp(
@@ -716,6 +868,7 @@ def create_app(
         allowed_hosts=allowed_hosts,
         max_connections=max_connections,
         max_pending_connections=max_pending_connections,
+        max_outgoing_bytes=max_outgoing_bytes,
         limits=limits,
     )
 
@@ -918,6 +1071,7 @@ async def serve(
         await app.shutdown(grace)
 
     harden_hypercorn()
+    app.stall_timeout = config.read_timeout or None
     gate = app.gate = ConnectionGate(
         app.max_pending_connections,
         stale_after=2 * (config.ssl_handshake_timeout or DEFAULT_HANDSHAKE_TIMEOUT),
@@ -1078,20 +1232,41 @@ async def _dropped(message: Message) -> None:
     """The app's queue once the app has returned: what would go there is dropped."""
 
 
-def _guarded_put(guard: _StreamGuard, put: Callable[[Message], Awaitable[None]]) -> Send:
-    """``put`` (the app's bounded receive queue), but never stuck once the app has returned.
+def _guarded_put(
+    guard: _StreamGuard,
+    put: Callable[[Message], Awaitable[None]],
+    spawn: Callable[..., object] | None = None,
+) -> Send:
+    """``put`` (the app's bounded receive queue), but never stuck once the app
+    has returned, and never stuck on the disconnect.
 
     hypercorn puts every received message, and then the disconnect, into a
     queue of ``max_app_queue_size`` that only the app reads; a put into a full
     queue waits for the app. Once the app has returned, a put would wait
     forever, with the connection's reading task and the queued messages
     (each up to the size cap) held with it: such puts return at once instead.
+
+    The disconnect is put by whichever task finds the connection gone, often
+    the app's own writer, whose failing send is what found it: waiting there
+    for the app to make room, while the app's reader waits for that writer
+    (it stops reading from a client that does not read its replies), would
+    hold them both, and the connection, for good. A disconnect that finds
+    the queue full is put by a task of its own (``spawn``), behind what is
+    queued.
     """
     import asyncio
 
     import trio
 
     owner = getattr(put, "__self__", None)
+
+    async def wait_for_room(message: Message) -> None:
+        with anyio.CancelScope() as scope:
+            guard.put_scopes.add(scope)
+            try:
+                await put(message)
+            finally:
+                guard.put_scopes.discard(scope)
 
     async def guarded(message: Message) -> None:
         if guard.app_done:
@@ -1112,12 +1287,14 @@ def _guarded_put(guard: _StreamGuard, put: Callable[[Message], Awaitable[None]])
             else:
                 await trio.lowlevel.cancel_shielded_checkpoint()  # as trio's send does
                 return
-        with anyio.CancelScope() as scope:
-            guard.put_scopes.add(scope)
+        if spawn is not None and message.get("type") == "websocket.disconnect":
             try:
-                await put(message)
-            finally:
-                guard.put_scopes.discard(scope)
+                spawn(wait_for_room, message)
+            except RuntimeError:  # the connection's task group is closing: wait here
+                pass
+            else:
+                return
+        await wait_for_room(message)
 
     return guarded
 
@@ -1176,7 +1353,7 @@ def _harden_ws_streams() -> None:
             guard.refusing = True
         await original_handle(self, event)
         if isinstance(event, Request) and self.app_put is not None and not guard.app_done:
-            self.app_put = _guarded_put(guard, self.app_put)
+            self.app_put = _guarded_put(guard, self.app_put, self.task_group.spawn)
         if self.closed:
             if not guard.closed.is_set():
                 self.buffer.clear()

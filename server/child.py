@@ -143,7 +143,8 @@ async def _serve(
     stream = await socket_stream(socket.socket(fileno=fd))
     link = _ParentLink(stream, max_size=limits.max_message_size, max_buffers=limits.max_buffers)
     try:
-        await dispatcher.serve(link, peer=f"parent process {os.getppid()}")
+        async with dispatcher.hosting():
+            await dispatcher.serve(link, peer=f"parent process {os.getppid()}")
     finally:
         _start_watchdog()
         with anyio.CancelScope(shield=True):

@@ -10,6 +10,7 @@
         [--max-message-size SIZE] [--max-buffers N] [--max-depth N] [--max-elements N]
         [--max-calls N] [--max-queued-items N] [--max-queued-events N] [--max-instances N]
         [--max-server-instances N] [--max-connections N] [--max-pending-connections N]
+        [--max-outgoing-bytes SIZE]
         [--handshake-timeout S] [--idle-timeout S] [--create-timeout S]
     remote-exec --version
 
@@ -48,7 +49,8 @@ SIGINT/SIGTERM: stop accepting, give in-flight calls ``--grace`` seconds, then
 cancel them (their callers get an error), exit code 0. A running sync method
 cannot be cancelled: the daemon waits up to 5 s more for it (the dispatcher's
 close grace) before it exits anyway, so with one stuck the exit takes about
-``--grace`` + 5 s. A second signal exits at once (code 1).
+``--grace`` + 5 s. A client that does not read its replies gets ``--grace``
+too, then its connection is dropped. A second signal exits at once (code 1).
 """
 
 from __future__ import annotations
@@ -95,6 +97,7 @@ from .app import (
     hypercorn_config,
     serve,
 )
+from .connection import DEFAULT_MAX_OUTGOING_BYTES
 from .dispatch import DEFAULT_CREATE_TIMEOUT, Dispatcher
 
 __all__ = ["build_parser", "format_size", "limits_from_args", "main", "parse_size", "version"]
@@ -379,6 +382,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "of them is dropped for the newcomer (default %(default)s)",
     )
     caps.add_argument(
+        "--max-outgoing-bytes",
+        type=_size_at_least(64 * 1024),
+        default=DEFAULT_MAX_OUTGOING_BYTES,
+        metavar="SIZE",
+        help="replies that may wait to be written to one connection; past it the daemon "
+        "reads nothing more from that client until it has read them (back-pressure), so a "
+        "client that reads slowly or never cannot make it grow "
+        f"(default {format_size(DEFAULT_MAX_OUTGOING_BYTES)})",
+    )
+    caps.add_argument(
         "--handshake-timeout",
         type=_seconds(allow_zero=False),
         default=DEFAULT_HANDSHAKE_TIMEOUT,
@@ -391,7 +404,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=DEFAULT_IDLE_TIMEOUT,
         metavar="SECONDS",
         help="drop a connection on which nothing arrives for this long (a live client "
-        "answers every ping); must exceed --ping-interval; 0: never (default %(default)g)",
+        "answers every ping), or whose client reads nothing of a reply for this long; must "
+        "exceed --ping-interval; 0: never (default %(default)g)",
     )
 
     caps.add_argument(
@@ -635,7 +649,8 @@ async def _serve(app: RemoteExecApp, args: argparse.Namespace, sock: socket.sock
         idle_timeout=args.idle_timeout or None,
     )
     run = _Run()
-    async with anyio.create_task_group() as task_group:
+    # Detached async calls run in the dispatcher's hosting task group.
+    async with app.dispatcher.hosting(), anyio.create_task_group() as task_group:
         task_group.start_soon(_watch_signals, run, task_group)
         await serve(app, config, shutdown_trigger=run.stop.wait, grace=args.grace)
         logger.info("stopped")
@@ -796,6 +811,7 @@ def run_serve(args: argparse.Namespace) -> int:
         allowed_origins=args.allowed_origin,
         max_connections=args.max_connections,
         max_pending_connections=args.max_pending_connections,
+        max_outgoing_bytes=args.max_outgoing_bytes,
         limits=limits,
     )
     try:

@@ -18,15 +18,16 @@ from remote_exec.exceptions import (
     exception_type_name,
 )
 from remote_exec.framing import pack_frames
+from remote_exec.invocations import new_session
 from remote_exec.messages import Call, Cancel, Close, Credit, Message
-from remote_exec.protocol import Decoded, Limits, RpcConnection, Side
+from remote_exec.protocol import Decoded, FramePieces, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.runtime.backend import threadsafe_call_soon
 from remote_exec.runtime.calls import RUNNING, Runner, RuntimeCall, StreamCall
 from remote_exec.runtime.instances import Instance
 from remote_exec.runtime.transport import FrameTransport
 
-__all__ = ["Connection", "OpCall"]
+__all__ = ["DEFAULT_MAX_OUTGOING_BYTES", "Connection", "OpCall"]
 
 logger = logging.getLogger("remote_exec.server")
 
@@ -46,6 +47,22 @@ wait their turn."""
 _DECODERS: anyio.lowlevel.RunVar[anyio.CapacityLimiter] = anyio.lowlevel.RunVar(
     "remote_exec.server.decoders"
 )
+
+
+DEFAULT_MAX_OUTGOING_BYTES = 32 * 1024 * 1024
+"""Bytes of replies one connection may have waiting to be written before its
+reader stops taking new messages from it (back-pressure), until the client
+has read enough of them (the daemon's ``--max-outgoing-bytes``). A transport
+may carry its own bound as ``max_outgoing_bytes``.
+
+Without it, a client that never reads its replies grew the daemon without
+limit: the calls-per-connection cap does not help, since a reply that is
+queued frees its call's place.
+"""
+
+
+def _size(pieces: FramePieces) -> int:
+    return sum(piece.nbytes if isinstance(piece, memoryview) else len(piece) for piece in pieces)
 
 
 def _decoders() -> anyio.CapacityLimiter:
@@ -78,6 +95,9 @@ class Connection:
         self._on_call = on_call
         self.call_soon = threadsafe_call_soon()
         self.calls: dict[int, RuntimeCall] = {}
+        # The prefix of the ids of this connection's invocations: the client's
+        # own once it says hello, so it knows each id before sending the call.
+        self.session = new_session()
         self.runners: dict[Instance, Runner] = {}
         self.held: set[str] = set()  # instances this connection created (max_instances)
         self.creating = 0  # ... and is creating right now
@@ -93,6 +113,15 @@ class Connection:
         self._flushes: dict[StreamCall, None] = {}  # streams with buffered items, in order
         self._sending = False
         self._writer_failed = False
+        # Back-pressure (``DEFAULT_MAX_OUTGOING_BYTES``): frames queued while the
+        # writer was busy, taken out of the protocol so that they are counted;
+        # ``outgoing_bytes`` counts them and the batch being written.
+        bound = getattr(transport, "max_outgoing_bytes", None)
+        self.max_outgoing_bytes: int = bound or DEFAULT_MAX_OUTGOING_BYTES
+        self.outgoing_bytes = 0
+        self._backlog: list[FramePieces] = []
+        self._room: anyio.Event | None = None  # the reader waits on it past the bound
+        self.held_back = 0  # times the reader waited for the client to read
         self._idle_waiters: list[anyio.Event] = []
         self._waiting: set[RuntimeCall] | None = None  # while winding down
         self._drained = anyio.Event()
@@ -180,7 +209,7 @@ class Connection:
                     self._flushes.clear()
                     for stream in streams:
                         stream.flush()
-                if not rpc.has_data_to_send:
+                if not (self._backlog or rpc.has_data_to_send):
                     waiters, self._idle_waiters = self._idle_waiters, []
                     for waiter in waiters:
                         waiter.set()
@@ -199,6 +228,8 @@ class Connection:
             self.alive = False
             self.reason = f"sending failed: {exc}"
             self.reader_scope.cancel()
+            self._backlog = []  # never to be sent: freed now
+            self.outgoing_bytes = 0
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 waiter.set()
@@ -210,8 +241,20 @@ class Connection:
         result) is not kept alive by the writer's locals while it waits.
         """
         rpc = self.rpc
-        for message in pack_frames(rpc.data_to_send(), rpc.limits.max_message_size):
+        frames, self._backlog = self._backlog, []
+        if rpc.has_data_to_send:
+            fresh = rpc.data_to_send()
+            self.outgoing_bytes += sum(map(_size, fresh))
+            frames += fresh
+        messages = pack_frames(frames, rpc.limits.max_message_size)
+        del frames
+        messages.reverse()
+        while messages:
+            message = messages.pop()  # each freed once written
             await self.transport.send_frame(message)
+            self.outgoing_bytes -= _size(message)
+            if self._room is not None and self.outgoing_bytes <= self.max_outgoing_bytes:
+                self._room.set()
 
     async def _settle(self) -> None:
         """Let producers that are making progress finish their burst first.
@@ -225,7 +268,7 @@ class Connection:
         sizes = [len(stream.buffer) for stream in self._flushes]
         for _ in range(self.rpc.limits.max_credit):
             await anyio.lowlevel.checkpoint()
-            if self.rpc.has_data_to_send:
+            if self._backlog or self.rpc.has_data_to_send:
                 return
             now = [len(stream.buffer) for stream in self._flushes]
             if now == sizes:
@@ -234,7 +277,9 @@ class Connection:
 
     async def wait_sent(self) -> None:
         """Until everything queued so far was written."""
-        if self._writer_failed or not (self._sending or self.rpc.has_data_to_send or self._flushes):
+        if self._writer_failed or not (
+            self._sending or self._backlog or self.rpc.has_data_to_send or self._flushes
+        ):
             return
         waiter = anyio.Event()
         self._idle_waiters.append(waiter)
@@ -247,6 +292,10 @@ class Connection:
         with self.reader_scope:
             try:
                 while True:
+                    if rpc.has_data_to_send:
+                        self._count_queued()
+                    if self.outgoing_bytes > self.max_outgoing_bytes:
+                        await self._wait_for_room()
                     frame = await transport.receive_frame()
                     if len(frame) > DECODE_IN_THREAD:
                         await self._handle_large_frame(frame)
@@ -271,6 +320,36 @@ class Connection:
                 logger.exception("receiving from %r failed", self)
                 self.reason = f"receiving failed: {exc!r}"
         self.alive = False
+
+    def _count_queued(self) -> None:
+        """Take what the protocol queued while the writer was busy into the
+        backlog, so that it counts towards ``outgoing_bytes``."""
+        if not self._sending:
+            return  # the writer takes (and counts) it itself, at once
+        fresh = self.rpc.data_to_send()
+        self.outgoing_bytes += sum(map(_size, fresh))
+        self._backlog += fresh
+
+    async def _wait_for_room(self) -> None:
+        """Back-pressure: read nothing more from this client while more than
+        ``max_outgoing_bytes`` wait to be written to it, so that a client that
+        reads its replies slowly, or never, cannot make the daemon grow."""
+        if not self.held_back:
+            logger.info(
+                "%r reads its replies slower than it sends calls: %d bytes wait to be "
+                "written to it; reading from it again once it has read them",
+                self,
+                self.outgoing_bytes,
+            )
+        self.held_back += 1
+        while self.outgoing_bytes > self.max_outgoing_bytes and not self._writer_failed:
+            self._room = self._new_event()
+            try:
+                await self._room.wait()
+            finally:
+                self._room = None
+            if self.rpc.has_data_to_send:
+                self._count_queued()
 
     def _handle_frame(self, frame: bytes | bytearray | memoryview) -> None:
         """Act on one frame; its own function, so that no local keeps a frame

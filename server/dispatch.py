@@ -21,13 +21,14 @@ import inspect
 import logging
 import math
 import os
+import re
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from types import ModuleType
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Self
 
 import anyio
 import anyio.lowlevel
@@ -38,6 +39,9 @@ from remote_exec.exceptions import (
     NotAllowedError,
     SubscriberOverflowError,
     UnknownInstanceError,
+    client_traceback,
+    exception_type_name,
+    remote_exception,
 )
 from remote_exec.executor import (
     ClientMainImport,
@@ -48,11 +52,20 @@ from remote_exec.executor import (
     remote_method,
     script_location,
 )
+from remote_exec.invocations import make_invocation_id
 from remote_exec.messages import Call
 from remote_exec.protocol import Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
+from remote_exec.runtime.backend import threadsafe_call_soon
+from remote_exec.runtime.detached import DetachedPeer
 from remote_exec.runtime.events import EventHub
-from remote_exec.runtime.invocations import DEFAULT_RETENTION, InvocationTable
+from remote_exec.runtime.instances import Instance
+from remote_exec.runtime.invocations import (
+    DEFAULT_RETENTION,
+    InvocationTable,
+    detached_outcome,
+    follow_log,
+)
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 from remote_exec.runtime.transport import FrameTransport
 
@@ -147,9 +160,12 @@ class Dispatcher:
     # Server operations: name -> (handler name, runs as a task, is a stream).
     _OPS: ClassVar[dict[str, tuple[str, bool, bool]]] = {
         "echo_clock": ("_op_echo_clock", False, False),
+        "hello": ("_op_hello", False, False),
         "list_invocations": ("_op_list_invocations", False, False),
         "get_invocation": ("_op_get_invocation", False, False),
         "cancel_invocation": ("_op_cancel_invocation", False, False),
+        "invocation_result": ("_op_invocation_result", True, False),
+        "follow_log": ("_op_follow_log", True, True),
         "list_instances": ("_op_list_instances", False, False),
         "get_properties": ("_op_get_properties", False, False),
         "get_config": ("_op_get_config", False, False),
@@ -198,6 +214,7 @@ class Dispatcher:
             close_grace=close_grace,
             invocations=InvocationTable(retention=invocation_retention),
         )
+        self.detached = DetachedPeer(_not_on_loop_yet, keep_error=_kept_failure)
         self._connections: set[Connection] = set()
         self._methods: dict[tuple[type, str], RemoteMethod] = {}
         self._main_modules: dict[str, ModuleType] = {}
@@ -208,6 +225,22 @@ class Dispatcher:
         self._closed = False
 
     # -- public -----------------------------------------------------------------
+    @asynccontextmanager
+    async def hosting(self) -> AsyncIterator[Self]:
+        """Serve connections inside this block: detached async calls run in its
+        task group (they outlive the connection that sent them); leaving it
+        closes the dispatcher."""
+        try:
+            async with anyio.create_task_group() as tg:
+                self.detached.tg = tg
+                try:
+                    yield self
+                finally:
+                    with anyio.CancelScope(shield=True):
+                        await self.aclose()
+        finally:
+            self.detached.tg = None
+
     async def serve(self, transport: FrameTransport, *, peer: str = "") -> None:
         """Serve one connection until it closes (or the server shuts down).
 
@@ -255,6 +288,7 @@ class Dispatcher:
         with anyio.move_on_after(2 * self.close_grace, shield=True):
             for conn in connections:
                 await conn.finished.wait()
+        self.detached.stop()
         await self.runtime.close()
         self.events.close()
         logger.info("dispatcher closed")
@@ -313,14 +347,56 @@ class Dispatcher:
             conn.fail(sid, TypeError(f"{message.target}.{message.method} is {kind}"))
             return
         deadline = None
-        if message.meta:
-            deadline = message.meta.get("deadline")
+        meta = message.meta
+        if meta:
+            deadline = meta.get("deadline")
             if deadline is not None and (
                 type(deadline) not in (int, float) or not 0 <= deadline < math.inf
             ):
                 conn.fail(sid, TypeError("a call's deadline is a number of seconds"))
                 return
-        self.runtime.call(conn, sid, instance, marker, message.args, message.kwargs, deadline)
+            if meta.get("detached") is True:
+                self._submit(conn, sid, instance, marker, message, deadline)
+                return
+        try:
+            self.runtime.call(conn, sid, instance, marker, message.args, message.kwargs, deadline)
+        except ValueError as exc:  # its invocation id is taken
+            conn.fail(sid, exc)
+
+    def _submit(
+        self,
+        conn: Connection,
+        sid: int,
+        instance: Instance,
+        marker: RemoteMethod,
+        message: Call,
+        deadline: float | None,
+    ) -> None:
+        """Start a detached call: answered at once with its invocation id; its
+        outcome is kept for whoever asks by id (``invocation_result``)."""
+        if marker.is_generator:
+            conn.fail(sid, TypeError(f"{marker.name} is a generator: it cannot be submitted"))
+            return
+        peer = self.detached
+        if peer.call_soon is _not_on_loop_yet:
+            peer.call_soon = threadsafe_call_soon()
+        invocation_id = make_invocation_id(conn.session, sid)
+        try:
+            call = self.runtime.call(
+                peer,
+                peer.next_id(),
+                instance,
+                marker,
+                message.args,
+                message.kwargs,
+                deadline,
+                invocation_id=invocation_id,
+                detached=True,
+            )
+        except (ValueError, ExecutorStateError) as exc:
+            conn.fail(sid, exc)
+            return
+        conn.reply(sid, call.invocation.id)
 
     def _dispatch_op(self, conn: Connection, message: Call) -> None:
         sid = message.stream_id
@@ -482,6 +558,14 @@ class Dispatcher:
     def _op_echo_clock(self, conn: Connection, sid: int) -> int:
         return time.perf_counter_ns()
 
+    def _op_hello(self, conn: Connection, sid: int, session: Any) -> None:
+        """The client's session: the prefix of its invocation ids (``new_session``)."""
+        if not isinstance(session, str) or not _SESSION.fullmatch(session):
+            raise ValueError("a session is 8 to 64 letters, digits or underscores")
+        if any(other.session == session for other in self._connections if other is not conn):
+            raise ValueError("that session is in use by another connection")
+        conn.session = session
+
     def _op_list_invocations(
         self,
         conn: Connection,
@@ -503,6 +587,29 @@ class Dispatcher:
         self, conn: Connection, sid: int, invocation_id: Any
     ) -> dict[str, Any]:
         return self.runtime.invocations.cancel(invocation_id).to_wire()
+
+    async def _op_invocation_result(
+        self, conn: Connection, call: OpCall, invocation_id: Any
+    ) -> object:
+        """The outcome of a detached invocation, once it has finished."""
+        scope = await detached_outcome(self.runtime.invocations, invocation_id, conn.call_soon)
+        if scope.failure is not None:
+            conn.fail(call.sid, scope.failure)
+            return _NO_REPLY
+        return scope.value
+
+    async def _op_follow_log(self, conn: Connection, call: OpCall, invocation_id: Any) -> object:
+        """An invocation's log records, as they come, until it has finished."""
+        scope = self.runtime.invocations.scope(invocation_id)
+        async for entries in follow_log(scope, conn.call_soon):
+            rows = [entry.to_wire() for entry in entries]
+            while rows:
+                await call.wait_credit()
+                count = conn.credit(call.sid)
+                conn.send_items(call.sid, rows[:count])
+                del rows[:count]
+        conn.end_stream(call.sid)
+        return _NO_REPLY
 
     def _op_list_instances(self, conn: Connection, sid: int) -> list[str]:
         return list(self.runtime.instances)
@@ -663,6 +770,19 @@ class Dispatcher:
             await subscription.aclose()
         conn.end_stream(call.sid)
         return _NO_REPLY
+
+
+_SESSION = re.compile(r"[0-9A-Za-z_]{8,64}")
+
+
+def _not_on_loop_yet(*args: Any) -> None:
+    raise RuntimeError("no call was submitted yet")
+
+
+def _kept_failure(exc: BaseException) -> BaseException:
+    """What a detached call's failure leaves on its record: its type, message
+    and client traceback, not its frames (which may hold large arguments)."""
+    return remote_exception(exception_type_name(exc), str(exc), client_traceback(exc))
 
 
 def _construct(cls: type, args: list[Any], kwargs: dict[str, Any], config: dict[str, Any]) -> Any:

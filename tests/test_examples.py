@@ -30,3 +30,6 @@ def test_the_acquisition_example(kind: str) -> None:
     table = [line.split()[:2] for line in out.splitlines() if line.startswith(("acquire ", "dark"))]
     assert ["acquire", "cancelled"] in table
     assert ["dark_frame", "cancelled"] in table
+    live = [line for line in out.splitlines() if line.startswith("live: ")]
+    assert live[:3] == [f"live: INFO spectrum {i} taken" for i in range(3)]
+    assert "submitted acquisition cancelled" in out

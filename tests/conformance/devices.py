@@ -402,3 +402,67 @@ class Spinner:
 
         for _ in range(n):
             yield current_invocation_id()
+
+
+class Chatty:
+    """Methods that log (what their invocations capture) and wait for a file."""
+
+    def __init__(self, tag: str = "") -> None:
+        self.tag = tag
+
+    @apply_executor
+    def talk(self, n: int, word: str) -> str | None:
+        """``n`` INFO records (and one DEBUG and one WARNING); its invocation id."""
+        import logging
+
+        from remote_exec import current_invocation_id
+
+        log = logging.getLogger(f"tests.chatty.{self.tag}")
+        log.debug("not kept: below INFO")
+        for i in range(n):
+            log.info("%s %d", word, i)
+        log.warning("%s done", word)
+        return current_invocation_id()
+
+    @apply_executor
+    async def atalk(self, n: int, word: str) -> str | None:
+        """``talk`` from async code, yielding to the loop between records."""
+        import logging
+
+        from remote_exec import current_invocation_id
+
+        log = logging.getLogger(f"tests.chatty.{self.tag}")
+        for i in range(n):
+            log.info("%s %d", word, i)
+            await anyio.lowlevel.checkpoint()
+        return current_invocation_id()
+
+    @apply_executor
+    def hold(self, path: str, result: Any = "released") -> Any:
+        """Log "waiting", then wait (cooperatively) until ``path`` exists."""
+        import logging
+        import os
+
+        from remote_exec import cancellable_sleep
+
+        log = logging.getLogger(f"tests.chatty.{self.tag}")
+        log.info("waiting for %s", os.path.basename(path))
+        while not os.path.exists(path):
+            cancellable_sleep(0.01)
+        log.info("released")
+        return result
+
+    @apply_executor
+    async def ahold(self, path: str) -> str:
+        """``hold`` for async code: cancelled where it awaits."""
+        while not await anyio.Path(path).exists():  # noqa: ASYNC110 - a file the test makes
+            await anyio.sleep(0.01)
+        return "released"
+
+    @apply_executor
+    def fail(self, message: str) -> None:
+        raise ValueError(message)
+
+    @apply_generator_executor
+    def items(self, n: int) -> Iterator[int]:
+        yield from range(n)

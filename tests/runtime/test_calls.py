@@ -81,6 +81,7 @@ class FakePeer:
     def __init__(self, credit: int = 0) -> None:
         self.alive = True
         self.calls: dict[int, RuntimeCall] = {}
+        self.session = "fake"
         self.call_soon: Callable[..., object] = threadsafe_call_soon()
         self.sent: list[tuple[str, int, Any]] = []
         self.credits: dict[int, int] = {}
