@@ -8,12 +8,18 @@
 Each creates (or reuses) the project's virtual environment in ``.venv`` and
 installs what it needs there; it reinstalls only when ``pyproject.toml`` changed.
 Extra arguments after ``test`` go to pytest (``python3 dev.py test -k thread``).
+
+The status page's browser tests drive the system's Chromium and chromedriver
+(``apt-get install chromium chromium-driver``). Under CI (``CI`` set) ``test``
+installs them from the system's packages when they are missing; elsewhere
+those tests are skipped, with one line saying so, if they are.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import subprocess
 import sys
 import venv
@@ -55,8 +61,23 @@ def demo(args: list[str]) -> int:
     return run(PYTHON, "-m", "examples.demo", *args, check=False)
 
 
+def ensure_browser() -> None:
+    """Under CI, install Chromium and its driver from the system's packages if missing
+    (the status page's browser tests need them, and must run there)."""
+    if not os.environ.get("CI") or (shutil.which("chromium") and shutil.which("chromedriver")):
+        return
+    if not shutil.which("apt-get") or not hasattr(os, "geteuid") or os.geteuid() != 0:
+        log("CI without chromium and chromedriver, and no apt-get as root to install them")
+        return
+    os.environ.setdefault("DEBIAN_FRONTEND", "noninteractive")
+    run("apt-get", "update", "-qq", check=False)
+    if run("apt-get", "install", "-y", "-qq", "chromium", "chromium-driver", check=False):
+        log("installing chromium and chromium-driver failed: the browser tests will fail")
+
+
 def test(args: list[str]) -> int:
     ensure_venv()
+    ensure_browser()
     steps = [
         (PYTHON, "-m", "ruff", "check", "."),
         (PYTHON, "-m", "ruff", "format", "--check", "."),

@@ -3,7 +3,8 @@
 ::
 
     python benchmarks/load_check.py [--clients N] [--calls M] [--backend asyncio|trio|both]
-                                    [--kill] [--slow] [--seed S] [--json OUT] [--procs P] ...
+                                    [--kill] [--slow] [--restart [--restarts K]]
+                                    [--seed S] [--json OUT] [--procs P] ...
 
 Not a timed benchmark (``run.py`` is): a correctness check under load that
 also reports throughput, latency and the daemon's memory. See the "Load check"
@@ -39,6 +40,31 @@ reads every log back. The checks:
   (1 MiB) and must hold them back (stop reading from them) without losing
   anything: the slow readers' calls pass every check above, the non-reader
   is held back, and the daemon's memory stays bounded;
+* with ``--restart``: each client makes all its calls through ONE
+  ``WebSocketExecutor(url, reconnect=True)``, and the daemon is restarted
+  ``--restarts`` times (default 2) on the same port, at even fractions of the
+  calls done (1/3 and 2/3), alternately with SIGKILL and SIGTERM (the
+  daemons run with ``--grace 1``: a daemon keeps running the calls its open
+  connections send during its grace, so under load it lasts all of it). A
+  restart loses the instances' in-memory logs, so each ``LoadDevice`` is
+  created with a record file (an argument, so the executor's re-creation
+  after a restart appends to the same file) where it writes every ``n`` it
+  starts, and the checks read those files instead of the last daemon's logs.
+  Checked, besides the server-log checks above across daemon lifetimes: every
+  error is a connection error, successes + errors == total, zero duplicates,
+  a failed call ran once or never; every client kept its one executor,
+  reconnected once per restart it rode through (and not otherwise), and had
+  its instance re-created at most once per daemon lifetime; the record files
+  agree with the last daemon's in-memory logs; every daemon stopped with
+  SIGTERM exited 0; no lifetime logged a traceback. The memory-flatness check
+  is skipped (no lifetime sees the whole load), and the worker threads are
+  counted for the instances the last daemon has; each lifetime's peak RSS is
+  reported. ``--restart`` combines with ``--kill`` (the executor reconnects
+  after a kill too), not with ``--slow`` or ``--procs``;
+* with ``--kill`` or ``--restart``: every connection error is a
+  ``ConnectionLostError``. A call a daemon fails as it shuts down arrives as a
+  ``RemoteException`` whose remote type is ``remote_exec.ConnectionLostError``:
+  a connection error for the checks above, but it fails this one;
 * the daemon: alive, lets go of every connection and call, no worker thread
   left once the instances are deleted, no traceback logged, exit code 0 on
   SIGTERM; its memory flat over the second half of the load (the median RSS
@@ -62,10 +88,12 @@ import os
 import platform
 import random
 import re
+import shutil
 import socket
 import struct
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import urllib.request
@@ -82,7 +110,7 @@ from websockets.protocol import CONNECTING, OPEN
 from websockets.uri import parse_uri
 
 from remote_exec import WebSocketExecutor
-from remote_exec.exceptions import RemoteExecConnectionError
+from remote_exec.exceptions import RemoteException, RemoteExecConnectionError
 from remote_exec.protocol import RpcConnection, Side
 from remote_exec.server.cli import format_size, parse_size
 from remote_exec.server.testing import DaemonProcess
@@ -101,7 +129,15 @@ KINDS: dict[str, int] = {
     "astream": 10,
 }
 PROGRESS_EVERY = 2.0  # seconds between progress lines
-CONNECTION_ERRORS = ("ConnectionLostError", "RemoteExecConnectionError")
+CONNECTION_ERRORS = (
+    "ConnectionLostError",
+    "RemoteExecConnectionError",
+    "RemoteConnectionLostError",
+)
+# A call a daemon failed as it shut down (SIGTERM, at the end of its grace) with
+# "the server is shutting down": sent as a remote ConnectionLostError, which
+# arrives as a plain RemoteException, not as a ConnectionLostError.
+REMOTE_CONNECTION_LOST = "RemoteException[remote_exec.ConnectionLostError]"
 # --slow: the daemon's bound on the replies waiting for one connection, and
 # the receive buffer of a slow reader's socket (so that what it has not read
 # waits in the daemon, not in the kernel).
@@ -111,6 +147,11 @@ NON_READER_PAYLOAD = 64 * 1024
 HELD_BACK = "reads its replies slower than it sends calls"  # the daemon's INFO line
 # The daemon's memory over the second half of the load: flat within this (or 10 %).
 FLAT = 16 * MIB
+# --restart: the daemons' grace on SIGTERM. While it lasts a daemon still runs
+# the calls that arrive on its open connections, so under a steady load it
+# always lasts the whole grace: the default 5 s would outlast the last third
+# of a small run, and no client would ever see that restart.
+RESTART_DAEMON_ARGS = ("--grace", "1")
 
 
 def _device_class() -> type:
@@ -176,6 +217,15 @@ class Settings:
     bytes_size: int = MIB
     slow_clients: list[int] = field(default_factory=list)  # these read slowly
     slow_rate: float = 4 * MIB  # bytes a second
+    # --restart: one executor per client with reconnect=True, and each instance
+    # records what it runs in a file of this folder (``record_path``).
+    restart: bool = False
+    record_dir: str = ""
+
+
+def record_path(record_dir: str, cid: int) -> str:
+    """``--restart``: the file where client ``cid``'s instance records its calls."""
+    return str(Path(record_dir) / f"load-{cid}.record")
 
 
 @dataclass
@@ -193,7 +243,11 @@ class Progress:
 
 
 class Client:
-    """One connection at a time (a new one after each kill), one instance, M calls."""
+    """One connection at a time (a new one after each kill), one instance, M calls.
+
+    With ``--restart``: one executor for the whole run, with ``reconnect=True``;
+    a connection error fails the calls in flight but not the session.
+    """
 
     def __init__(self, cid: int, settings: Settings, pool: bytes, progress: Progress) -> None:
         self.cid = cid
@@ -206,16 +260,26 @@ class Client:
         self.next = 0
         self.outcome: list[str | None] = [None] * settings.calls
         self.latency: list[float] = [0.0] * settings.calls
+        self.started: list[float] = [0.0] * settings.calls  # time.time() when it was made
         self.ended: list[float] = [0.0] * settings.calls  # time.time() when the call ended
-        self.connection: list[int] = [0] * settings.calls  # which session made it
+        # Which session made it (--restart: which connection of the one executor).
+        self.connection: list[int] = [0] * settings.calls
+        # --restart: the executor reconnected while the call was under way (it
+        # was made before a reconnect, and either failed or waited for it).
+        self.spanned: list[bool] = [False] * settings.calls
         self.sessions = 0
+        self.reconnects = 0  # --restart: the executor's count, at the end
         self.kills: list[str] = []
         self.killed: dict[int, str] = {}  # session number: how its connection was killed
         self.setup_errors: list[str] = []
+        self.error_examples: dict[str, str] = {}  # the first message of each error type
         self.kill_rng = random.Random(f"{settings.seed}:kill:{cid}")
         self.slow = cid in settings.slow_clients
 
     async def run(self) -> None:
+        if self.settings.restart:
+            await self._reconnecting_run()
+            return
         while self.next < self.settings.calls:
             try:
                 await self._session()
@@ -236,6 +300,39 @@ class Client:
                 for _ in range(self.settings.in_flight):
                     tg.start_soon(self._worker, session, tg)
 
+    async def _reconnecting_run(self) -> None:
+        """``--restart``: every call through one executor that reconnects by itself.
+
+        Only the first connection may be retried here (the daemon is not
+        restarted before the load has begun); afterwards a second executor
+        would be a manual re-session, which the checks count as a failure.
+        """
+        settings = self.settings
+        record = record_path(settings.record_dir, self.cid)
+        while self.next < settings.calls:
+            try:
+                async with WebSocketExecutor(settings.url, reconnect=True) as executor:
+                    await executor.ensure_remote_instance(self.dev, self.name, self.cid, record)
+                    self.sessions += 1
+                    session = _Session(executor, self.sessions)
+                    try:
+                        async with anyio.create_task_group() as tg:
+                            for _ in range(settings.in_flight):
+                                tg.start_soon(self._worker, session, tg)
+                    finally:
+                        self.reconnects += executor.reconnects
+            except Exception as exc:  # noqa: BLE001 - reported; a second executor fails a check
+                self.setup_errors.append(f"{type(exc).__name__}: {exc}")
+                if len(self.setup_errors) > 20:
+                    return
+                await anyio.sleep(0.05)
+
+    def _connection_number(self, session: _Session) -> int:
+        """The session's number; ``--restart``: the executor's current connection (1, 2...)."""
+        if self.settings.restart:
+            return session.executor.reconnects + 1
+        return session.number
+
     async def _worker(self, session: _Session, tg: TaskGroup) -> None:
         settings = self.settings
         while not session.dead and self.next < settings.calls:
@@ -247,7 +344,8 @@ class Client:
             if settings.kill_rate and self.kill_rng.random() < settings.kill_rate:
                 tg.start_soon(self._kill_later, session, self.kill_rng.uniform(0.0, 0.02))
             outcome = "hang"
-            self.connection[n] = session.number
+            self.connection[n] = self._connection_number(session)
+            self.started[n] = time.time()
             session.in_flight += 1
             start = time.perf_counter()
             with anyio.move_on_after(settings.call_timeout):
@@ -258,11 +356,15 @@ class Client:
                     outcome = f"bad:{exc}"
                 except RemoteExecConnectionError as exc:
                     outcome = f"error:{type(exc).__name__}"
-                    session.dead = True
+                    self.error_examples.setdefault(outcome[6:], f"{kind}({n}): {exc}"[:300])
+                    # --restart: the executor reconnects; the next calls wait for it.
+                    session.dead = not settings.restart
                 except Exception as exc:  # noqa: BLE001 - an explicit error, counted by type
-                    outcome = f"error:{type(exc).__name__}"
+                    outcome = f"error:{_error_name(exc)}"
+                    self.error_examples.setdefault(outcome[6:], f"{kind}({n}): {exc}"[:300])
             session.in_flight -= 1
             self.latency[n] = time.perf_counter() - start
+            self.spanned[n] = self._connection_number(session) != self.connection[n]
             self.ended[n] = time.time()
             self.outcome[n] = outcome
             self.progress.done += 1
@@ -271,12 +373,13 @@ class Client:
 
     async def _kill_later(self, session: _Session, delay: float) -> None:
         await anyio.sleep(delay)
-        if session.dead or not session.in_flight:
+        if session.dead or not session.in_flight or not session.executor.connected:
             return
         how = self.kill_rng.choice(("rst", "shutdown"))
-        session.dead = True  # no new calls on this connection
+        # No new calls on this connection (--restart: the executor reconnects).
+        session.dead = not self.settings.restart
         self.kills.append(how)
-        self.killed[session.number] = how
+        self.killed[self._connection_number(session)] = how
         await abort_connection(session.executor, how)
 
     def _big(self, n: int, offset: int) -> bytes:
@@ -293,7 +396,7 @@ class Client:
             got = await (dev.seq(n) if kind == "seq" else dev.aseq(n))
             if not isinstance(got, tuple) or len(got) != 2 or got[1] != n:
                 raise _Mismatch(f"{kind}({n}) returned {got!r}")
-            if not self.settings.kill_rate and got[0] != n + 1:
+            if not (self.settings.kill_rate or self.settings.restart) and got[0] != n + 1:
                 raise _Mismatch(f"{kind}({n}): the log holds {got[0]} entries, not {n + 1}")
         elif kind == "bytes":
             data = self._big(n, param)
@@ -325,14 +428,27 @@ class Client:
             "outcome": self.outcome,
             "latency": self.latency,
             "sessions": self.sessions,
+            "reconnects": self.reconnects,
             "kills": self.kills,
             "killed": self.killed,
+            "started": self.started,
             "ended": self.ended,
             "connection": self.connection,
+            "spanned": self.spanned,
             "setup_errors": self.setup_errors,
+            "error_examples": self.error_examples,
             "seen": list(self.dev.seen),
             "slow": self.slow,
         }
+
+
+def _error_name(exc: BaseException) -> str:
+    """The type of an error, with the remote type of a ``RemoteException``."""
+    name = type(exc).__name__
+    remote = getattr(exc, "remote_type", None)
+    if isinstance(exc, RemoteException) and remote and not name.endswith(remote):
+        name += f"[{remote}]"
+    return name
 
 
 def _stream_diff(got: list[Any], expected: list[Any]) -> str:
@@ -498,11 +614,15 @@ async def delete_non_reader(url: str) -> None:
 
 
 async def run_clients(
-    settings: Settings, client_ids: Iterable[int], report: Callable[[Progress], None] | None
+    settings: Settings,
+    client_ids: Iterable[int],
+    report: Callable[[Progress], None] | None,
+    progress: Progress | None = None,
 ) -> dict[str, Any]:
-    """Run the clients to the end; their outcomes, JSON-ready."""
+    """Run the clients to the end; their outcomes, JSON-ready. ``progress``: the
+    counters to update (read by the ``--restart`` thread), a new one by default."""
     pool = random.Random(f"{settings.seed}:pool").randbytes(2 * MIB)
-    progress = Progress()
+    progress = Progress() if progress is None else progress
     clients = [Client(cid, settings, pool, progress) for cid in client_ids]
     cpu = time.process_time()
     start = time.perf_counter()
@@ -588,7 +708,8 @@ class Daemon(DaemonProcess):
         while not self._stop_sampling.wait(0.2):
             rss = self.status("VmRSS")
             if rss is None or not self.alive():
-                self.died_at = time.perf_counter() - self._t0
+                if not self._stop_sampling.is_set():  # not stopped on purpose (--restart)
+                    self.died_at = time.perf_counter() - self._t0
                 return
             self.samples.append((time.perf_counter() - self._t0, rss))
 
@@ -657,6 +778,338 @@ class Daemon(DaemonProcess):
         super().kill()
 
 
+# -- --restart: the daemon restarted mid-run --------------------------------------------------
+
+
+@dataclass
+class Lifetime:
+    """One daemon process of a ``--restart`` run, from serving to its end."""
+
+    daemon: Daemon
+    served: float  # time.time() when it served (its first line)
+    rss_start: int | None
+    threads_start: int | None
+    ended_by: str | None = None  # "SIGKILL" or "SIGTERM"; None: the last one
+    stopped: float = 0.0  # time.time() when it was signalled (0: never)
+    calls_done: int | None = None  # calls ended (client side) when it was signalled
+    vm_hwm: int | None = None  # read just before the signal
+    exit_code: int | None = None
+    stop_seconds: float | None = None  # from the signal to its exit
+    log: str = ""
+
+    def result(self) -> dict[str, Any]:
+        daemon = self.daemon
+        return {
+            "pid": daemon.pid,
+            "url": daemon.url,
+            "served": self.served,
+            "ended_by": self.ended_by,
+            "stopped": self.stopped,
+            "calls_done": self.calls_done,
+            "rss_start": self.rss_start,
+            "vm_hwm": self.vm_hwm,
+            "rss_peak_sampled": max((rss for _, rss in daemon.samples), default=None),
+            "threads_start": self.threads_start,
+            "exit_code": self.exit_code,
+            "stop_seconds": self.stop_seconds,
+            "died_at": daemon.died_at,
+            "log_tracebacks": self.log.count("Traceback"),
+            "exceptions": _exceptions(self.log),
+        }
+
+
+class Restarter:
+    """``--restart``: a thread that restarts the daemon when the load reaches
+    1/(K+1), 2/(K+1)... of its calls, alternately with SIGKILL and SIGTERM, each
+    time on the same port (the new daemon gets ``--port <port>``, SO_REUSEADDR)."""
+
+    def __init__(
+        self,
+        first: Daemon,
+        make: Callable[[list[str]], Daemon],
+        restarts: int,
+        total: int,
+        done: Callable[[], int],
+    ) -> None:
+        self.lifetimes = [
+            Lifetime(first, time.time(), first.status("VmRSS"), first.status("Threads"))
+        ]
+        self._make = make
+        self.at = [math.ceil(total * (i + 1) / (restarts + 1)) for i in range(restarts)]
+        self._done = done
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="restarter", daemon=True)
+        self.errors: list[str] = []
+
+    @property
+    def current(self) -> Daemon:
+        return self.lifetimes[-1].daemon
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """No more restarts; waits for one under way to finish."""
+        self._stop.set()
+        if self._thread.ident is not None:  # started
+            self._thread.join()
+
+    def _run(self) -> None:
+        for index, threshold in enumerate(self.at):
+            while self._done() < threshold:
+                if self._stop.wait(0.005):
+                    return
+            try:
+                self._restart("SIGKILL" if index % 2 == 0 else "SIGTERM")
+            except Exception as exc:  # noqa: BLE001 - a failed check
+                self.errors.append(f"restart {index + 1}: {type(exc).__name__}: {exc}")
+                return
+
+    def _restart(self, how: str) -> None:
+        old = self.lifetimes[-1]
+        daemon = old.daemon
+        old.ended_by = how
+        old.calls_done = self._done()
+        old.vm_hwm = daemon.status("VmHWM")
+        old.stopped = time.time()
+        began = time.perf_counter()
+        if how == "SIGKILL":
+            daemon.kill()
+            old.exit_code = daemon.proc.returncode if daemon.proc is not None else None
+            old.stop_seconds = time.perf_counter() - began
+        else:
+            old.exit_code, old.stop_seconds = daemon.shutdown()
+        old.log = daemon.log()
+        new = self._make(["--port", str(daemon.port)])
+        try:
+            for attempt in range(3):  # the port is free once the old process is gone
+                try:
+                    new.start()
+                    break
+                except RuntimeError:
+                    if attempt == 2:
+                        raise
+                    time.sleep(0.5)
+            if new.url != daemon.url:
+                raise RuntimeError(f"the new daemon serves on {new.url}, not {daemon.url}")
+        except BaseException:
+            new.close()
+            raise
+        self.lifetimes.append(
+            Lifetime(new, time.time(), new.status("VmRSS"), new.status("Threads"))
+        )
+
+
+def read_records(
+    record_dir: str, client_ids: Iterable[int], pids: list[int]
+) -> dict[int, dict[str, Any]]:
+    """``--restart``: each client's record file, as ``read_back`` gives a state,
+    plus ``inits`` (the pid of each daemon that created the instance, in order),
+    ``lifetime`` (which of ``pids`` ran each entry of ``log``) and ``bad_lines``."""
+    states: dict[int, dict[str, Any]] = {}
+    for cid in client_ids:
+        log: list[Any] = []
+        times: list[float] = []
+        lifetime: list[int] = []
+        inits: list[int] = []
+        overlaps = bad_lines = 0
+        path = Path(record_path(record_dir, cid))
+        text = path.read_text(encoding="utf-8") if path.exists() else ""
+        for line in text.splitlines():
+            words = line.split()
+            try:
+                if words[0] == "init":
+                    inits.append(int(words[1]))
+                elif words[0] == "overlap":
+                    overlaps += 1
+                else:
+                    n, started = int(words[0]), float(words[1])
+                    log.append(n)
+                    times.append(started)
+                    lifetime.append(pids.index(inits[-1]) if inits[-1] in pids else -1)
+            except (IndexError, ValueError):
+                bad_lines += 1  # torn or before any "init": counted as never called
+                log.append(line)
+                times.append(0.0)
+                lifetime.append(-1)
+        states[cid] = {
+            "client": cid,
+            "log": log,
+            "times": times,
+            "overlaps": overlaps,
+            "missing": not inits,
+            "inits": inits,
+            "lifetime": lifetime,
+            "bad_lines": bad_lines,
+        }
+    return states
+
+
+async def read_back_restart(
+    url: str, client_ids: Iterable[int], record_dir: str
+) -> dict[int, dict[str, Any]]:
+    """``--restart``: the state of each instance the last daemon has (the ones
+    re-created after the last restart; nothing is created here); then deleted."""
+    device = _device_class()
+    states: dict[int, dict[str, Any]] = {}
+    async with WebSocketExecutor(url) as executor:
+        names = set(await executor.get_remote_objects())
+        for cid in client_ids:
+            name = f"load-{cid}"
+            if name not in names:
+                continue
+            dev: Any = device(cid)
+            created = await executor.ensure_remote_instance(
+                dev, name, cid, record_path(record_dir, cid)
+            )
+            state = await dev.state()
+            state["created"] = created  # it was listed: it must not be created now
+            states[cid] = state
+            await executor.delete_remote_instance(dev)
+    return states
+
+
+def restart_report(
+    args: argparse.Namespace,
+    load: dict[str, Any],
+    records: dict[int, dict[str, Any]],
+    final: dict[int, dict[str, Any]],
+    restarter: Restarter,
+) -> dict[str, Any]:
+    """``--restart``: what the restarts did to the clients; its checks."""
+    lifetimes = restarter.lifetimes
+    pids = [lifetime.daemon.pid for lifetime in lifetimes]
+    served = [lifetime.served for lifetime in lifetimes]
+    restarts = len(lifetimes) - 1
+    reconnects = [client["reconnects"] for client in load["clients"]]
+    kills = [len(client["kills"]) for client in load["clients"]]
+    sessions = [client["sessions"] for client in load["clients"]]
+    examples: list[str] = []
+
+    def example(text: str) -> None:
+        if len(examples) < 10:
+            examples.append(text)
+
+    # A success made after lifetime i served ran there or later: its client
+    # reconnected at least once per such lifetime.
+    wrong_reconnects = 0
+    waited: list[float] = []  # successes made before a restart's daemon served, run by it
+    # After each restart: when each client's first success on the new daemon
+    # ended (the old one has exited before the new one starts).
+    back_after: list[list[float]] = [[] for _ in lifetimes]
+    for client, count, killed in zip(load["clients"], reconnects, kills, strict=True):
+        ok = [n for n, o in enumerate(client["outcome"]) if o == "ok"]
+        needed = sum(1 for t in served[1:] if any(client["started"][n] > t for n in ok))
+        if not needed <= count <= restarts + killed:
+            wrong_reconnects += 1
+            example(
+                f"client {client['client']}: {count} reconnects for {needed} restarts "
+                f"it rode through ({restarts} restarts, {killed} connections killed)"
+            )
+        for index, t in enumerate(served[1:], 1):
+            waited.extend(
+                client["latency"][n] for n in ok if client["started"][n] < t < client["ended"][n]
+            )
+            after = [client["ended"][n] for n in ok if client["ended"][n] > t]
+            if after:
+                back_after[index].append(min(after) - t)
+    recreated_wrong = 0
+    ran_per_lifetime = [0] * len(lifetimes)
+    disagree = 0
+    for cid, state in records.items():
+        inits = state["inits"]
+        if (
+            len(set(inits)) != len(inits)
+            or any(pid not in pids for pid in inits)
+            or (inits and inits[0] != pids[0])
+            or [pids.index(pid) for pid in inits] != sorted(pids.index(pid) for pid in inits)
+        ):
+            recreated_wrong += 1
+            example(f"client {cid}: its instance was created by the daemons {inits} ({pids})")
+        for index in state["lifetime"]:
+            if index >= 0:
+                ran_per_lifetime[index] += 1
+        in_last = [
+            n
+            for n, index in zip(state["log"], state["lifetime"], strict=True)
+            if index == len(lifetimes) - 1
+        ]
+        there = final.get(cid)
+        if there is None:
+            agree = pids[-1] not in inits
+        else:
+            agree = not there["created"] and pids[-1] in inits and there["log"] == in_last
+        if not agree:
+            disagree += 1
+            example(
+                f"client {cid}: the last daemon {'has' if there else 'lacks'} its instance "
+                f"({len(there['log']) if there else 0} calls logged), its record file "
+                f"{len(in_last)} calls there (created by {inits})"
+            )
+    sigterm = [lt for lt in lifetimes[:-1] if lt.ended_by == "SIGTERM"]
+    tracebacks = sum(lt.log.count("Traceback") for lt in lifetimes[:-1])
+    checks = [
+        (
+            f"the daemon was restarted {args.restarts} times on the same port",
+            restarts == args.restarts and not restarter.errors,
+            f"{restarts} restarts; {restarter.errors}",
+        ),
+        (
+            "one executor per client for the whole run",
+            all(count == 1 for count in sessions),
+            f"executors per client {sessions}",
+        ),
+        (
+            "each client reconnected once per restart it rode through, and only then",
+            wrong_reconnects == 0,
+            f"{wrong_reconnects} clients; reconnects per client {reconnects}",
+        ),
+        (
+            "instances created at most once per daemon, by the reconnect after a restart",
+            recreated_wrong == 0,
+            str(recreated_wrong),
+        ),
+        (
+            "the record files agree with the last daemon's logs",
+            disagree == 0,
+            f"{disagree} clients; {len(final)} instances on the last daemon",
+        ),
+        (
+            "every daemon stopped with SIGTERM exited 0",
+            all(lt.exit_code == 0 for lt in sigterm),
+            str([lt.exit_code for lt in sigterm]),
+        ),
+        (
+            "no daemon before the last logged a traceback",
+            tracebacks == 0,
+            str([_exceptions(lt.log) for lt in lifetimes[:-1]]),
+        ),
+        (
+            "no torn or stray line in the record files",
+            sum(state["bad_lines"] for state in records.values()) == 0,
+            str(sum(state["bad_lines"] for state in records.values())),
+        ),
+    ]
+    return {
+        "restarts": restarts,
+        "at_calls": restarter.at,
+        "errors": restarter.errors,
+        "reconnects": reconnects,
+        "lifetimes": [lt.result() for lt in lifetimes],
+        "ran_per_lifetime": ran_per_lifetime,
+        "down_s": [lifetimes[i + 1].served - lt.stopped for i, lt in enumerate(lifetimes[:-1])],
+        "back_after_s": [max(values) if values else None for values in back_after[1:]],
+        "waited": {
+            "calls": len(waited),
+            "p50_ms": (_percentile(waited, 0.5) or 0) * 1e3,
+            "max_ms": max(waited, default=0) * 1e3,
+        },
+        "instances_on_last_daemon": len(final),
+        "examples": examples,
+        "checks": [{"name": n, "ok": ok, "detail": d} for n, ok, d in checks],
+    }
+
+
 # -- one backend, start to end --------------------------------------------------------------
 
 
@@ -665,8 +1118,9 @@ def _mib(value: int | None) -> str:
 
 
 class Printer:
-    def __init__(self, backend: str, mode: str, slow: bool = False) -> None:
-        self.prefix = f"[{backend}{' --kill' if mode == 'kill' else ''}{' --slow' if slow else ''}]"
+    def __init__(self, backend: str, args: argparse.Namespace) -> None:
+        flags = [f"--{name}" for name in ("restart", "kill", "slow") if getattr(args, name)]
+        self.prefix = f"[{' '.join([backend, *flags])}]"
 
     def __call__(self, text: str = "") -> None:
         print(f"{self.prefix} {text}" if text else "", flush=True)
@@ -682,16 +1136,35 @@ def _slow_clients(args: argparse.Namespace) -> list[int]:
 
 
 def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
-    mode = "kill" if args.kill else "normal"
-    say = Printer(backend, mode, args.slow)
+    mode = "restart" if args.restart else "kill" if args.kill else "normal"
+    say = Printer(backend, args)
     total = args.clients * args.calls
     extra = [*SLOW_DAEMON_ARGS, *args.daemon_arg] if args.slow else args.daemon_arg
-    daemon = Daemon(backend, max(64, args.clients + 8), extra)
+    if args.restart:
+        extra = [*RESTART_DAEMON_ARGS, *args.daemon_arg]  # a --daemon-arg=--grace=S wins
+    max_connections = max(64, args.clients + 8)
+    daemon = Daemon(backend, max_connections, extra)
+    restarter: Restarter | None = None
+    record_dir = tempfile.mkdtemp(prefix="load-check-") if args.restart else ""
     try:
         url = daemon.start()
         rss_start = daemon.status("VmRSS")
         threads_start = daemon.status("Threads")
         say(f"daemon {url} (pid {daemon.pid}, RSS {_mib(rss_start)})")
+        progress = Progress()
+        if args.restart:
+            restarter = Restarter(
+                daemon,
+                lambda port: Daemon(backend, max_connections, [*extra, *port]),
+                args.restarts,
+                total,
+                lambda: progress.done,
+            )
+            say(
+                f"--restart: the daemon restarted at {restarter.at} calls done, alternately "
+                f"with SIGKILL and SIGTERM, on port {daemon.port}; daemon: "
+                f"{' '.join(extra)}; instances record to {record_dir}"
+            )
         slow_clients = _slow_clients(args)
         say(
             f"{args.clients} clients x {args.calls} calls, {args.in_flight} in flight per "
@@ -716,6 +1189,8 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             deadline=args.deadline,
             slow_clients=slow_clients,
             slow_rate=args.slow_rate,
+            restart=args.restart,
+            record_dir=record_dir,
         )
         non_reader = NonReader(url) if args.slow else None
         started = time.perf_counter()
@@ -723,10 +1198,12 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         def report(done: int, errors: int) -> None:
             elapsed = time.perf_counter() - started
             flood = "" if non_reader is None else f"  non-reader sent {non_reader.sent}"
+            current = daemon if restarter is None else restarter.current
+            restarts = "" if restarter is None else f"  restarts {len(restarter.lifetimes) - 1}"
             say(
                 f"{elapsed:6.1f} s  {done:6d}/{total} calls  {done / elapsed:7.0f} calls/s  "
-                f"errors {errors}  daemon RSS {_mib(daemon.samples[-1][1] if daemon.samples else None)}"
-                f"{flood}"
+                f"errors {errors}  daemon RSS {_mib(current.samples[-1][1] if current.samples else None)}"
+                f"{flood}{restarts}"
             )
 
         with contextlib.ExitStack() as stack:
@@ -735,16 +1212,25 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
                 portal = stack.enter_context(anyio.from_thread.start_blocking_portal(backend))
                 flooding = portal.start_task_soon(non_reader.run)
                 stack.callback(flooding.cancel)  # first thing on the way out
+            if restarter is not None:
+                restarter.start()
+                stack.callback(restarter.stop)  # no restart after the load
             if args.procs <= 1:
                 load = anyio.run(
                     run_clients,
                     settings,
                     range(args.clients),
                     lambda p: report(p.done, p.errors),
+                    progress,
                     backend=backend,
                 )
             else:
                 load = _run_children(args, settings, report)
+        if restarter is not None:  # the checks below are on the last daemon
+            daemon = restarter.current
+            rss_start = restarter.lifetimes[-1].rss_start
+            threads_start = restarter.lifetimes[-1].threads_start
+            url = daemon.url
         load_window = (started - daemon.t0, started - daemon.t0 + load["elapsed"])
         report_done = sum(1 for c in load["clients"] for o in c["outcome"] if o is not None)
         say(f"load done in {load['elapsed']:.1f} s ({report_done} calls); reading the logs back")
@@ -757,32 +1243,58 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             lambda st: st["connections"] == 0 and not st["calls_in_flight"] and not st["queued"]
         )
         states: dict[int, dict[str, Any]] = {}
+        last_states: dict[int, dict[str, Any]] = {}  # --restart: the last daemon's instances
         read_back_error = None
         try:
-            states = anyio.run(read_back, url, range(args.clients), backend=backend)
+            if restarter is not None:
+                last_states = anyio.run(
+                    read_back_restart, url, range(args.clients), record_dir, backend=backend
+                )
+            else:
+                states = anyio.run(read_back, url, range(args.clients), backend=backend)
             if non_reader is not None:
                 anyio.run(delete_non_reader, url, backend=backend)
         except Exception as exc:  # noqa: BLE001 - reported as a failed check
             read_back_error = f"{type(exc).__name__}: {exc}"
-        # ... and once the instances are deleted, of their worker threads.
+        if restarter is not None:
+            # --restart: what ran is in the record files, across every daemon.
+            pids = [lifetime.daemon.pid for lifetime in restarter.lifetimes]
+            states = read_records(record_dir, range(args.clients), pids)
+        # ... and once the instances are deleted, of their worker threads (one
+        # each; --restart: only the instances the last daemon had).
+        deleted = args.clients if restarter is None else len(last_states)
         emptied = daemon.wait_statistics(lambda st: st["instances"] == 0 and st["connections"] == 0)
         threads_end = daemon.wait_threads(
-            None if threads_loaded is None else threads_loaded - args.clients
+            None if threads_loaded is None else threads_loaded - deleted
         )
         hwm = daemon.status("VmHWM")
         rss_end = daemon.status("VmRSS")
         exit_code, stop_seconds = daemon.shutdown()
         log = daemon.log()
+        if restarter is not None:
+            restarter.lifetimes[-1].vm_hwm = hwm
+            restarter.lifetimes[-1].exit_code = exit_code
+            restarter.lifetimes[-1].stop_seconds = stop_seconds
+            restarter.lifetimes[-1].log = log
         if args.daemon_log is not None:
-            suffix = f"{mode}{'-slow' if args.slow else ''}"
-            path = args.daemon_log.with_name(f"{args.daemon_log.name}.{backend}.{suffix}")
-            path.write_text(log)
-            say(f"daemon stderr written to {path}")
+            suffix = f"{mode}{'-kill' if args.kill and args.restart else ''}"
+            suffix += "-slow" if args.slow else ""
+            logs = [log] if restarter is None else [lt.log for lt in restarter.lifetimes]
+            for index, text in enumerate(logs):
+                number = "" if restarter is None else f".{index}"
+                path = args.daemon_log.with_name(
+                    f"{args.daemon_log.name}.{backend}.{suffix}{number}"
+                )
+                path.write_text(text)
+                say(f"daemon stderr written to {path}")
         result = analyse(args, backend, mode, load, states)
         result["checks"] += [
             {"name": "load finished before --deadline", "ok": not load["timed_out"], "detail": ""},
             {"name": "logs read back", "ok": read_back_error is None, "detail": read_back_error},
         ]
+        if restarter is not None:
+            result["restart"] = restart_report(args, load, states, last_states, restarter)
+            result["checks"] += result["restart"]["checks"]
         result["daemon"] = {
             "rss_start": rss_start,
             "rss_peak_sampled": max((rss for _, rss in daemon.samples), default=None),
@@ -797,6 +1309,7 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             "threads_start": threads_start,
             "threads_after_load": threads_loaded,
             "threads_end": threads_end,
+            "instances_deleted": deleted,
             "exit_code": exit_code,
             "stop_seconds": stop_seconds,
             "died_at": daemon.died_at,
@@ -804,7 +1317,8 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
             "log_tracebacks": log.count("Traceback"),
             "log_errors": sum(1 for line in log.splitlines() if " ERROR " in line),
             "log_warnings": sum(1 for line in log.splitlines() if " WARNING " in line),
-            "flat": flat_memory(daemon.samples, *load_window),
+            # --restart: no daemon sees the whole load.
+            "flat": None if restarter is not None else flat_memory(daemon.samples, *load_window),
         }
         if args.slow:
             assert non_reader is not None
@@ -814,6 +1328,12 @@ def run_backend(args: argparse.Namespace, backend: str) -> dict[str, Any]:
         return result
     finally:
         daemon.close()
+        if restarter is not None:
+            restarter.stop()
+            for lifetime in restarter.lifetimes:
+                lifetime.daemon.close()
+        if record_dir:
+            shutil.rmtree(record_dir, ignore_errors=True)
 
 
 def _run_children(
@@ -902,6 +1422,7 @@ class _LogCheck:
     unknown: int = 0
     missing: int = 0  # successes not in the log
     out_of_order: int = 0  # successes not in call order
+    out_of_order_spanned: int = 0  # ... both made before a reconnect, and run after it
     failed_ran: int = 0  # failed calls that ran anyway (reply lost): allowed, once
     failed_never_ran: int = 0
     failed_ran_late: int = 0  # ... after a later call had started
@@ -952,7 +1473,10 @@ def check_logs(
         for a, b in itertools.pairwise(successes):
             if b <= a:
                 check.out_of_order += 1
-                check.example(f"client {cid}: call {b} ran after call {a}")
+                both = client["spanned"][a] and client["spanned"][b]
+                check.out_of_order_spanned += both
+                made = " (both made before a reconnect, run after it)" if both else ""
+                check.example(f"client {cid}: call {b} ran after call {a}{made}")
         check.failed_never_ran += sum(
             1 for n in range(calls) if outcome[n] not in ("ok", None) and n not in counts
         )
@@ -967,6 +1491,7 @@ def check_logs(
                     kinds, conn = client["kinds"], client["connection"]
                     # JSON turned the session numbers into strings
                     how = client["killed"].get(conn[n], client["killed"].get(str(conn[n])))
+                    how = how or "a lost connection"
                     check.example(
                         f"client {cid}: call {n} ({kinds[n]}, connection {conn[n]}, killed by "
                         f"{how}) ran {1e3 * (started - client['ended'][n]):.0f} ms after its "
@@ -1019,7 +1544,11 @@ def analyse(
     n_errors = sum(c["error"] for c in counts.values())
     n_bad = sum(c["bad"] for c in counts.values())
     attempted = successes + n_errors + n_bad
-    unexpected = {name: k for name, k in errors.items() if name not in CONNECTION_ERRORS}
+    unexpected = {
+        name: k
+        for name, k in errors.items()
+        if name not in CONNECTION_ERRORS and name != REMOTE_CONNECTION_LOST
+    }
     repeated_items = sum(1 for text in bad if ": bad:duplicate" in text)
     logs = check_logs(load, states, calls, mode)
     elapsed = load["elapsed"]
@@ -1050,14 +1579,27 @@ def analyse(
         ),
         ("nothing ran that was never called", logs.unknown == 0, str(logs.unknown)),
         ("every success ran", logs.missing == 0, str(logs.missing)),
-        ("successes ran in call order", logs.out_of_order == 0, str(logs.out_of_order)),
+        (
+            "successes ran in call order",
+            logs.out_of_order == 0,
+            (
+                f"{logs.out_of_order}, of which {logs.out_of_order_spanned} made before a "
+                "reconnect and run after it"
+            ),
+        ),
         ("plain calls never overlapped", logs.overlaps == 0, str(logs.overlaps)),
         (
             "callbacks once per success, in order",
             logs.callback_mismatch == 0,
             str(logs.callback_mismatch),
         ),
-        ("every instance still there", logs.missing_instances == 0, str(logs.missing_instances)),
+        (
+            "every client's record file read"
+            if mode == "restart"
+            else "every instance still there",
+            logs.missing_instances == 0,
+            str(logs.missing_instances),
+        ),
     ]
     if mode == "normal":
         checks += [
@@ -1067,9 +1609,19 @@ def analyse(
     else:
         checks += [
             ("errors are connection errors", not unexpected, str(unexpected)),
-            ("connections were killed", sum(kills.values()) > 0, str(dict(kills))),
+            (
+                "every connection error is a ConnectionLostError (none a RemoteException)",
+                REMOTE_CONNECTION_LOST not in errors,
+                f"{errors.get(REMOTE_CONNECTION_LOST, 0)} calls failed with {REMOTE_CONNECTION_LOST}",
+            ),
         ]
+    if args.kill:
+        checks.append(("connections were killed", sum(kills.values()) > 0, str(dict(kills))))
     setup_errors = [e for c in load["clients"] for e in c["setup_errors"]]
+    error_examples: dict[str, str] = {}
+    for client in load["clients"]:
+        for name, text in client["error_examples"].items():
+            error_examples.setdefault(name, f"client {client['client']}: {text}")
     return {
         "backend": backend,
         "mode": mode,
@@ -1083,6 +1635,7 @@ def analyse(
         "successes": successes,
         "errors": n_errors,
         "errors_by_type": dict(errors),
+        "error_examples": error_examples,
         "bad": bad[:50],
         "elapsed_s": elapsed,
         "calls_per_s": successes / elapsed if elapsed else None,
@@ -1093,6 +1646,7 @@ def analyse(
             "p99_ms": (_percentile(everything, 0.99) or 0) * 1e3,
         },
         "sessions": sum(c["sessions"] for c in load["clients"]),
+        "reconnects": sum(c["reconnects"] for c in load["clients"]),
         "kills": dict(kills),
         "setup_errors": setup_errors[:20],
         "duplicates": logs.duplicates + repeated_items,
@@ -1125,7 +1679,8 @@ def slow_report(
 ) -> dict[str, Any]:
     """``--slow``: who read slowly, what the daemon held back and dropped."""
     held = {line.split(">", 1)[0] for line in log.splitlines() if HELD_BACK in line}
-    slow, others = [], []
+    slow: list[float] = []
+    others: list[float] = []
     for client in load["clients"]:
         ok = [lat for lat, o in zip(client["latency"], client["outcome"], strict=True) if o == "ok"]
         (slow if client["slow"] else others).extend(ok)
@@ -1165,12 +1720,14 @@ def add_daemon_checks(result: dict[str, Any]) -> None:
             # Each instance has its own worker thread. (The daemon may keep a few
             # idle anyio worker threads from importing modules: not counted.)
             "name": "deleted instances leave no instance or worker thread behind",
+            # (--restart: those of the instances the last daemon had, re-created by
+            # the reconnects after the last restart.)
             "ok": _settled(after_delete, "instances", "connections")
             and None not in (daemon["threads_end"], daemon["threads_after_load"])
-            and daemon["threads_end"] <= daemon["threads_after_load"] - result["clients"],
+            and daemon["threads_end"] <= daemon["threads_after_load"] - daemon["instances_deleted"],
             "detail": f"threads: {daemon['threads_start']} at start, "
             f"{daemon['threads_after_load']} after the load, {daemon['threads_end']} after "
-            f"deleting {result['clients']} instances; "
+            f"deleting {daemon['instances_deleted']} instances; "
             f"{after_delete and {k: after_delete.get(k) for k in short}}",
         },
         {
@@ -1185,13 +1742,14 @@ def add_daemon_checks(result: dict[str, Any]) -> None:
         },
     ]
     flat = daemon["flat"]
-    result["checks"].append(
-        {
-            "name": "daemon memory flat over the second half of the load",
-            "ok": flat["growth"] is not None and flat["growth"] <= max(FLAT, flat["half"] / 10),
-            "detail": f"RSS {_mib(flat['half'])} at half-way, {_mib(flat['end'])} at the end",
-        }
-    )
+    if flat is not None:  # None with --restart
+        result["checks"].append(
+            {
+                "name": "daemon memory flat over the second half of the load",
+                "ok": flat["growth"] is not None and flat["growth"] <= max(FLAT, flat["half"] / 10),
+                "detail": f"RSS {_mib(flat['half'])} at half-way, {_mib(flat['end'])} at the end",
+            }
+        )
     slow = result.get("slow")
     if slow is not None:
         flood = slow["non_reader"]
@@ -1228,12 +1786,46 @@ def _ms(value: float | None) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
+def print_restart(say: Printer, restart: dict[str, Any]) -> None:
+    """``--restart``: each daemon lifetime, the reconnects, how long clients waited."""
+    lifetimes = restart["lifetimes"]
+    for index, lt in enumerate(lifetimes):
+        if lt["ended_by"] is None:
+            end = "the last one"
+        else:
+            end = (
+                f"{lt['ended_by']} at {lt['calls_done']} calls done, exit code "
+                f"{lt['exit_code']} after {lt['stop_seconds']:.1f} s; the next one served "
+                f"{restart['down_s'][index]:.1f} s after the signal, every client had a "
+                f"success on it within {_seconds(restart['back_after_s'][index])}"
+            )
+        say(
+            f"daemon #{index} (pid {lt['pid']}): ran {restart['ran_per_lifetime'][index]} "
+            f"calls; peak RSS (VmHWM) {_mib(lt['vm_hwm'])}, sampled peak "
+            f"{_mib(lt['rss_peak_sampled'])}; {end}"
+        )
+    waited = restart["waited"]
+    say(
+        f"reconnects per client {restart['reconnects']}; {waited['calls']} successful calls "
+        f"were made before a restarted daemon served (p50 {waited['p50_ms']:.0f} ms, max "
+        f"{waited['max_ms']:.0f} ms); the last daemon had {restart['instances_on_last_daemon']} "
+        "instances"
+    )
+    for example in restart["examples"]:
+        say(f"  {example}")
+
+
+def _seconds(value: float | None) -> str:
+    return "-" if value is None else f"{value:.1f} s"
+
+
 def print_report(say: Printer, r: dict[str, Any]) -> None:
     say()
     say(
         f"{r['successes']} ok + {r['errors']} errors of {r['total']} calls in "
         f"{r['elapsed_s']:.1f} s: {r['calls_per_s']:.0f} calls/s "
-        f"({r['sessions']} connections, client CPU {r['client_cpu_s']:.1f} s)"
+        f"({r['sessions']} executors, {r['reconnects']} reconnects, client CPU "
+        f"{r['client_cpu_s']:.1f} s)"
     )
     say(f"{'kind':8} {'calls':>6} {'ok':>6} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8}")
     for kind, row in r["latency"].items():
@@ -1247,13 +1839,16 @@ def print_report(say: Printer, r: dict[str, Any]) -> None:
     )
     if r["errors_by_type"]:
         say(f"errors by type: {r['errors_by_type']}")
+        for name, text in r["error_examples"].items():
+            say(f"  {name}: {text}")
     if r["kills"]:
         say(f"connections killed: {r['kills']}")
     logs = r["server_logs"]
     say(
         f"server logs: {logs['entries']} entries; duplicates {r['duplicates']} "
         f"(calls that ran twice, repeated stream items), unknown {logs['unknown']}, "
-        f"successes missing {logs['missing']}, out of order {logs['out_of_order']}, "
+        f"successes missing {logs['missing']}, out of order {logs['out_of_order']} "
+        f"({logs['out_of_order_spanned']} made before a reconnect and run after it), "
         f"overlapping calls {logs['overlaps']}"
     )
     if r["successes"] != r["total"]:
@@ -1270,11 +1865,15 @@ def print_report(say: Printer, r: dict[str, Any]) -> None:
         f"{_mib(d['rss_after_load'])} after the load, {_mib(d['rss_end'])} at the end"
     )
     flat = d["flat"]
-    growth = "n/a" if flat["growth"] is None else f"{flat['growth'] / MIB:+.1f} MiB"
-    say(
-        f"daemon memory over the load: VmRSS {_mib(flat['half'])} at half-way, "
-        f"{_mib(flat['end'])} at the end of the load ({growth} over the second half)"
-    )
+    if flat is not None:
+        growth = "n/a" if flat["growth"] is None else f"{flat['growth'] / MIB:+.1f} MiB"
+        say(
+            f"daemon memory over the load: VmRSS {_mib(flat['half'])} at half-way, "
+            f"{_mib(flat['end'])} at the end of the load ({growth} over the second half)"
+        )
+    restart = r.get("restart")
+    if restart is not None:
+        print_restart(say, restart)
     slow = r.get("slow")
     if slow is not None:
         flood = slow["non_reader"]
@@ -1334,6 +1933,20 @@ def build_parser() -> argparse.ArgumentParser:
         help="the daemon's and the clients' (default %(default)s)",
     )
     parser.add_argument("--kill", action="store_true", help="abort random client connections")
+    parser.add_argument(
+        "--restart",
+        action="store_true",
+        help="restart the daemon mid-run (SIGKILL, SIGTERM, ... on the same port); clients "
+        "use one WebSocketExecutor(reconnect=True) each",
+    )
+    parser.add_argument(
+        "--restarts",
+        type=int,
+        default=2,
+        metavar="K",
+        help="with --restart: how many times, at 1/(K+1), 2/(K+1)... of the calls "
+        "(default %(default)s)",
+    )
     parser.add_argument(
         "--slow",
         action="store_true",
@@ -1443,6 +2056,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--items must be >= 0 and --kill-rate between 0 and 1")
     if args.slow_rate < 1 or (args.slow_readers is not None and args.slow_readers < 0):
         parser.error("--slow-rate must be at least 1 and --slow-readers at least 0")
+    if args.restart and (args.slow or args.procs > 1 or args.restarts < 1):
+        parser.error("--restart needs --restarts of at least 1, and no --slow or --procs")
     args.procs = min(args.procs, args.clients)
     backends = ["asyncio", "trio"] if args.backend == "both" else [args.backend]
     info = machine()

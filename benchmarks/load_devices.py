@@ -8,11 +8,20 @@ to the instance's ``log`` as soon as it starts running (a generator when its
 first step runs). One ``LoadDevice`` belongs to one load-check client, so at
 the end ``state()`` tells exactly which calls ran, how often, and in which
 order, whatever the client saw.
+
+With ``record`` (a file path; the load check's ``--restart``), the instance
+also appends a line to that file when it is constructed (``init <pid>
+<time>``), for every ``n`` it starts (``<n> <time>``) and for every overlap
+(``overlap <n>``). The file is opened line-buffered in append mode: each
+line is written to the kernel as the call starts, so a daemon killed with
+SIGKILL loses none of them, and an instance re-created after a restart (with
+the same arguments) appends to the same file.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import time
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
@@ -27,8 +36,13 @@ __all__ = ["LoadDevice"]
 class LoadDevice:
     """Echoes, 1 MiB buffers, generators and sequence calls, all logged by ``n``."""
 
-    def __init__(self, client: int = 0) -> None:
+    def __init__(self, client: int = 0, record: str | None = None) -> None:
         self.client = client
+        # Kept open for the instance's life (closed when it is collected).
+        self._record = None
+        if record is not None:
+            self._record = open(record, "a", buffering=1, encoding="utf-8")  # noqa: SIM115
+        self._write(f"init {os.getpid()} {time.time()!r}")
         self.log: list[int] = []  # sequence numbers, in the order the calls started
         self.times: list[float] = []  # when each started (time.time(): same machine)
         self.seen: list[int] = []  # on the calling side: what the seq callback saw
@@ -40,12 +54,22 @@ class LoadDevice:
         self.seen.append(result[1])
 
     # -- bookkeeping ---------------------------------------------------------------
+    def _write(self, line: str) -> None:
+        if self._record is not None:
+            self._record.write(line + "\n")  # line-buffered: one write(2) per line
+
+    def _started(self, n: int) -> None:
+        now = time.time()
+        self.log.append(n)
+        self.times.append(now)
+        self._write(f"{n} {now!r}")
+
     def _enter(self, n: int) -> None:
         if self._busy:
             self.overlaps += 1
+            self._write(f"overlap {n}")
         self._busy += 1
-        self.log.append(n)
-        self.times.append(time.time())
+        self._started(n)
 
     def _leave(self) -> None:
         self._busy -= 1
@@ -94,15 +118,13 @@ class LoadDevice:
     # -- generators (their steps may interleave with other calls: not "busy") ---------
     @apply_generator_executor
     def stream(self, n: int, k: int) -> Iterator[tuple[int, int]]:
-        self.log.append(n)
-        self.times.append(time.time())
+        self._started(n)
         for i in range(k):
             yield n, i
 
     @apply_generator_executor
     async def astream(self, n: int, k: int) -> AsyncIterator[tuple[int, int]]:
-        self.log.append(n)
-        self.times.append(time.time())
+        self._started(n)
         for i in range(k):
             await anyio.lowlevel.checkpoint()
             yield n, i

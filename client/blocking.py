@@ -35,7 +35,14 @@ import trio
 from anyio.from_thread import start_blocking_portal
 
 from remote_exec.exceptions import ExecutorStateError
-from remote_exec.executor import Executor, ExecutorContext, Invocation, RemoteMethod, RemoteStream
+from remote_exec.executor import (
+    Executor,
+    ExecutorContext,
+    Invocation,
+    PropertyChange,
+    RemoteMethod,
+    RemoteStream,
+)
 from remote_exec.invocations import InvocationInfo, InvocationStatus, LogEntry
 from remote_exec.runtime.backend import BACKENDS, threadsafe_call_soon
 
@@ -375,30 +382,42 @@ class BlockingExecutor:
 
     # -- the executor's methods, sync -------------------------------------------
     @contextmanager
-    def remote_instance(self, obj: T, name: str, *args: Any, **kwargs: Any) -> Iterator[T]:
-        """Create ``obj``'s remote twin as ``name`` for the block, delete it after.
+    def remote_instance(
+        self, obj: T, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> Iterator[T]:
+        """Create ``obj``'s remote twin as ``name`` for the block, delete it after
+        (``scope``: see ``Executor.ensure_remote_instance``).
 
         Raises:
             DuplicateInstanceError: ``name`` already exists.
+            ValueError: ``scope`` is neither "server" nor "connection".
         """
         portal = self._running_portal("remote_instance")
-        scoped = self._scoped(lambda: self._executor.remote_instance(obj, name, *args, **kwargs))
+        scoped = self._scoped(
+            lambda: self._executor.remote_instance(obj, name, *args, scope=scope, **kwargs)
+        )
         with portal.wrap_async_context_manager(scoped):
             yield obj
 
-    def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
-        """Create ``obj``'s remote twin as ``name``; False if it already existed."""
+    def ensure_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> bool:
+        """Create ``obj``'s remote twin as ``name``; False if it already existed
+        (``scope``: see ``Executor.ensure_remote_instance``)."""
         created: bool = self._call(
             "ensure_remote_instance",
             self._executor.ensure_remote_instance,
             obj,
             name,
             *args,
+            scope=scope,
             **kwargs,
         )
         return created
 
-    def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    def create_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> None:
         """Like ``ensure_remote_instance``, but ``name`` must not exist yet."""
         self._call(
             "create_remote_instance",
@@ -406,6 +425,7 @@ class BlockingExecutor:
             obj,
             name,
             *args,
+            scope=scope,
             **kwargs,
         )
 
@@ -533,6 +553,17 @@ class BlockingExecutor:
             "get_channel_from_remote",
             lambda: self._executor.get_channel_from_remote(name, channel),
         )
+
+    def observe(self, obj: Any, names: Iterable[str]) -> BlockingStream[PropertyChange]:
+        """Changes of the public attributes ``names`` of ``obj``'s twin (see
+        ``Executor.observe``): ``with bx.observe(obj, ["x"]) as changes: for
+        change in changes: ...``; the subscription is live once the ``with``
+        block is entered, and leaving it unsubscribes.
+
+        Raises:
+            NotAllowedError: a name is private or not an identifier.
+        """
+        return self._stream("observe", lambda: self._executor.observe(obj, names))
 
 
 class BlockingInvocation:

@@ -61,6 +61,8 @@ from remote_exec.executor import (
     Invocation,
     RemoteStream,
     check_channel,
+    check_observed_names,
+    check_scope,
     config_of,
     module_name,
     resolve_call,
@@ -80,6 +82,9 @@ __all__ = ["RayExecutor"]
 logger = logging.getLogger("remote_exec.client")
 
 _RETRY_PAUSE = 0.05  # between two asks of a restarting actor for its address
+# How long deleting a connection-scoped instance may take when the executor
+# stops (its running call, then its exit hook), past connecting.
+_DELETE_GRACE = 10.0
 
 
 def _import_ray() -> Any:
@@ -164,24 +169,27 @@ class _ActorLink(RemoteExecutor):
             stream, max_size=self.limits.max_message_size, max_buffers=self.limits.max_buffers
         )
 
-    def _connection_lost(self, exc: ConnectionLostError) -> None:
+    def _connection_lost(
+        self, exc: ConnectionLostError, transport: FrameTransport | None = None
+    ) -> None:
         if self._lost is None and "Ray actor" not in str(exc):
             exc = ConnectionLostError(
                 f"lost the connection to the Ray actor of {self.instance!r} (process "
                 f"{self.pid} on {self.host}): it died, was killed or is restarting ({exc})"
             )
-        super()._connection_lost(exc)
+        super()._connection_lost(exc, transport)
 
 
 class _Host:
     """One actor: its handle, and the link to it (made again after a loss)."""
 
-    __slots__ = ("actor", "created", "link", "lock", "name", "retired")
+    __slots__ = ("actor", "created", "link", "lock", "name", "retired", "scope")
 
-    def __init__(self, name: str, actor: Any, created: bool) -> None:
+    def __init__(self, name: str, actor: Any, created: bool, scope: str = "server") -> None:
         self.name = name
         self.actor = actor
         self.created = created  # by this executor (so it may kill it on failure)
+        self.scope = scope  # "connection": deleted and killed when the executor stops
         self.link: _ActorLink | None = None
         self.retired: anyio.Event | None = None  # set: the link's task stops it
         self.lock = anyio.Lock()
@@ -291,6 +299,11 @@ class RayExecutor(Executor):
         for channel in list(self._channels):
             channel.end()
         hosts, self._hosts = list(self._hosts.values()), {}
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for host in hosts:
+                    if host.scope == "connection" and host.created:
+                        tg.start_soon(self._end_scope, host)
         for host in hosts:
             host.retire()
         home, self._home = self._home, None
@@ -301,6 +314,35 @@ class RayExecutor(Executor):
         if stack is not None:
             await stack.aclose()  # waits for the links' tasks to stop them
         self._task_group = None
+
+    async def _end_scope(self, host: _Host) -> None:
+        """The executor stops: a connection-scoped instance goes. Its link is
+        retired first (calls in flight and queued fail at once, as on every
+        executor), then a last connection deletes it (its exit hook runs in
+        the actor, after the call still running there) and its actor is killed."""
+        host.retire()
+        try:
+            address = await self._in_thread(
+                self._actor_address, host.actor, f"the Ray actor of {host.name!r}", 10.0
+            )
+            link = _ActorLink(
+                host.name,
+                address,
+                connect_timeout=self.connect_timeout,
+                codec=self.codec,
+                limits=self.limits,
+                window=self.window,
+                registry=InstanceRegistry(),
+            )
+            with anyio.fail_after(self.connect_timeout + _DELETE_GRACE):
+                async with link:
+                    await link._request("", "delete_instance", [host.name])
+        except Exception as exc:  # noqa: BLE001 - killed below either way
+            logger.warning("could not delete %r before killing its actor: %s", host.name, exc)
+        finally:
+            await self._kill(host)
+            if host.name in self.registry.instance_names():
+                self.registry.remove_instance(host.name)
 
     # -- Ray calls, off the event loop -----------------------------------------
     async def _in_thread(self, fn: Callable[..., Any], *args: Any) -> Any:
@@ -432,17 +474,22 @@ class RayExecutor(Executor):
         name: str,
         *args: Any,
         ray_options: Mapping[str, Any] | None = None,
+        scope: str = "server",
         **kwargs: Any,
     ) -> None:
         """Create ``obj``'s twin as ``name`` in a new Ray actor (placed with
         ``ray_options`` over the class's ``_ray_options_``).
+
+        ``scope="connection"``: the instance is deleted (its exit hook runs)
+        and its actor killed when this executor stops; its actor is not
+        detached (Ray kills it with this driver if the driver dies first).
 
         Raises:
             DuplicateInstanceError: an instance (an actor) of that name exists.
             TimeoutError: Ray did not place and start the actor within
                 ``placement_timeout`` (e.g. no node has the resources asked for).
         """
-        await self._create(obj, name, args, kwargs, ray_options, exist_ok=False)
+        await self._create(obj, name, args, kwargs, ray_options, exist_ok=False, scope=scope)
 
     async def ensure_remote_instance(
         self,
@@ -450,11 +497,13 @@ class RayExecutor(Executor):
         name: str,
         *args: Any,
         ray_options: Mapping[str, Any] | None = None,
+        scope: str = "server",
         **kwargs: Any,
     ) -> bool:
         """Like ``create_remote_instance``, but attach to the instance if its
-        actor exists already (made by this or another driver): False then."""
-        return await self._create(obj, name, args, kwargs, ray_options, exist_ok=True)
+        actor exists already (made by this or another driver): False then
+        (its scope stays what its creator said)."""
+        return await self._create(obj, name, args, kwargs, ray_options, exist_ok=True, scope=scope)
 
     async def _create(
         self,
@@ -465,8 +514,10 @@ class RayExecutor(Executor):
         ray_options: Mapping[str, Any] | None,
         *,
         exist_ok: bool,
+        scope: str = "server",
     ) -> bool:
         self.check_running()
+        check_scope(scope)
         if not isinstance(name, str) or not name:
             raise ValueError("an instance name must be a non-empty string")
         held = self._hosts.get(name)
@@ -492,8 +543,10 @@ class RayExecutor(Executor):
             limits=dataclasses.asdict(self.limits),
         )
         options = {**getattr(type(obj), "_ray_options_", {}), **(ray_options or {})}
+        if scope == "connection":  # fate-shared with this driver, not detached
+            options["lifetime"] = None
         actor, created = await self._in_thread(self._make_actor, name, spec, options, exist_ok)
-        host = _Host(name, actor, created)
+        host = _Host(name, actor, created, scope)
         try:
             try:
                 link = await self._link(host)
@@ -762,6 +815,26 @@ class RayExecutor(Executor):
         self.check_running()
         check_channel(name, channel)
         return _Channel(self, name, channel)
+
+    def observe(self, obj: Any, names: Iterable[str]) -> RemoteStream:
+        """Changes of the attributes ``names`` of ``obj``'s twin, through its
+        actor's link (see ``Executor.observe``); the stream fails with
+        ``ConnectionLostError`` if the actor dies.
+
+        Raises:
+            NotAllowedError: a name is private or not an identifier.
+        """
+        self.check_running()
+        wanted = check_observed_names(names)
+        host = self._host_of(obj)
+        link = host.link
+        if link is not None and link.usable:
+            return link.observe(obj, wanted)
+
+        async def opener() -> RemoteStream:
+            return (await self._link(host)).observe(obj, wanted)
+
+        return _LaterStream(opener)
 
 
 class _LaterStream(RemoteStream):

@@ -7,7 +7,10 @@ many calls and streams at once. Subclasses only say how to connect.
 
 from __future__ import annotations
 
+import contextvars
 import logging
+import math
+import random
 import sys
 import time
 from abc import abstractmethod
@@ -23,17 +26,21 @@ from anyio.abc import TaskGroup
 from remote_exec.exceptions import (
     ConnectionLostError,
     ExecutorStateError,
+    RemoteException,
     RemoteExecError,
     UnknownInstanceError,
     remote_exception,
 )
 from remote_exec.executor import (
+    ChangeStream,
     Executor,
     Invocation,
     MappedStream,
     RemoteStream,
     call_deadline,
     check_channel,
+    check_observed_names,
+    check_scope,
     check_sleep,
     config_of,
     module_name,
@@ -50,7 +57,13 @@ from remote_exec.invocations import (
     new_session,
 )
 from remote_exec.messages import Close, Failure, Message, Result, StreamEnd, StreamItems
-from remote_exec.protocol import DEFAULT_WINDOW, Limits, RpcConnection, Side
+from remote_exec.protocol import (
+    DEFAULT_WINDOW,
+    MIN_STREAM_BYTES,
+    Limits,
+    RpcConnection,
+    Side,
+)
 from remote_exec.registry import InstanceRegistry, qualified_name
 from remote_exec.runtime.backend import threadsafe_call_soon
 from remote_exec.runtime.transport import FrameTransport
@@ -61,6 +74,14 @@ logger = logging.getLogger("remote_exec.client")
 
 # How long a cancelled caller may spend telling the server (never a hang).
 _CANCEL_SEND_TIMEOUT = 2.0
+RECONNECT_DELAY = 0.05
+"""Seconds before the first reconnect attempt (then doubled each time, jittered)."""
+RECONNECT_MAX_DELAY = 5.0
+"""The longest pause between two reconnect attempts."""
+# True in the task that reconnects: its own requests go out before the others'.
+_reconnecting: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "remote_exec_reconnecting", default=False
+)
 
 
 class _Pending:
@@ -119,11 +140,23 @@ class _StreamInbox:
     collected, and its finaliser closes the generator (``close_abandoned``).
     """
 
-    __slots__ = ("call_soon", "ended", "error", "executor", "items", "stream_id", "wakeup")
+    __slots__ = (
+        "batches",
+        "call_soon",
+        "ended",
+        "error",
+        "executor",
+        "items",
+        "stream_id",
+        "wakeup",
+    )
 
     def __init__(self, executor: RemoteExecutor) -> None:
         self.executor = executor
         self.items: deque[Any] = deque()
+        # ``(items, bytes per item)`` of each frame of ``items`` not begun yet,
+        # oldest first: what the server counts against ``Limits.max_stream_bytes``.
+        self.batches: deque[tuple[int, float]] = deque()
         self.wakeup = anyio.Event()
         self.stream_id: int | None = None
         self.ended = False
@@ -134,7 +167,10 @@ class _StreamInbox:
     # called by the reader
     def push(self, message: Message) -> None:
         if isinstance(message, StreamItems):
-            self.items.extend(message.items)
+            items = message.items
+            if items:
+                self.items.extend(items)
+                self.batches.append((len(items), message.nbytes / len(items)))
         elif isinstance(message, StreamEnd):
             self.ended = True
         elif isinstance(message, Failure):
@@ -191,7 +227,20 @@ class _Stream(RemoteStream):
         self._call = (target, method, args, kwargs)
         self._callback = callback
         self._window = window
-        self._consumed = 0  # since the last credit grant
+        self._max_bytes = executor.limits.max_stream_bytes
+        # Items consumed since the last credit grant, and their share of their
+        # frames' bytes (as the server counts them), as of the last ``_count``.
+        self._consumed = 0
+        self._consumed_bytes = 0.0
+        # The frame being consumed: its items left as of the last ``_count``,
+        # and its bytes per item.
+        self._batch_left = 0
+        self._share = 0.0
+        # Items that may be taken after the last ``_count`` before the next
+        # one (none makes a grant due or begins a frame), and how many remain:
+        # taking an item costs a decrement, not the accounting.
+        self._planned = 0
+        self._countdown = 0
 
     def __del__(self) -> None:
         inbox = self._inbox
@@ -241,16 +290,63 @@ class _Stream(RemoteStream):
                 if inbox.error is not None:
                     raise inbox.error
                 raise StopAsyncIteration
+            self._settle()
+            if self._consumed_bytes >= MIN_STREAM_BYTES:
+                # Starved with large items consumed: a server whose byte bound
+                # is below ours may be waiting for them (see MIN_STREAM_BYTES).
+                await self._grant()
+                continue
             inbox.wakeup = anyio.Event()
             await inbox.wakeup.wait()
         item = inbox.items.popleft()
-        self._consumed += 1
-        if self._consumed * 2 >= self._window and not inbox.ended:
-            granted, self._consumed = self._consumed, 0
-            await self._executor._grant(inbox.stream_id, granted)
+        if self._countdown:
+            self._countdown -= 1  # neither a grant nor a new frame is due
+        elif self._count(inbox) and not inbox.ended:
+            await self._grant()
         if self._callback is not None:
             self._callback(item)
         return item
+
+    def _settle(self) -> None:
+        """Count the items taken since the last ``_count`` (all of its frame)."""
+        done = self._planned - self._countdown
+        if done:
+            self._consumed += done
+            self._consumed_bytes += done * self._share
+            self._batch_left -= done
+        self._planned = self._countdown = 0
+
+    def _count(self, inbox: _StreamInbox) -> bool:
+        """Count the item just taken and those before it; plan how many may be
+        taken before the next count. True: a grant is due (half the window
+        consumed, in items or in bytes)."""
+        # the items taken since the last count (all of its frame), then this one
+        done = self._planned
+        left = self._batch_left - done
+        nbytes = self._consumed_bytes + done * self._share
+        if not left:  # this item begins a frame
+            left, self._share = inbox.batches.popleft()
+        share = self._share
+        consumed = self._consumed + done + 1
+        nbytes += share
+        self._batch_left = left - 1
+        half = self._max_bytes / 2
+        due = consumed * 2 >= self._window or nbytes >= half
+        self._consumed, self._consumed_bytes = consumed, nbytes
+        if due:  # granted now: the next grant counts from none
+            consumed, nbytes = 0, 0.0
+        # The next count: at the item that makes a grant due, or at the first
+        # item of the next frame, whichever comes first.
+        plan = min(left - 1, (self._window + 1) // 2 - consumed - 1)
+        if plan > 0 and nbytes + plan * share >= half:
+            plan = min(plan, math.ceil((half - nbytes) / share) - 1)
+        self._planned = self._countdown = max(plan, 0)
+        return due
+
+    async def _grant(self) -> None:
+        """Grant the server the items consumed since the last grant."""
+        granted, self._consumed, self._consumed_bytes = self._consumed, 0, 0.0
+        await self._executor._grant(self._inbox.stream_id, granted)
 
     async def aclose(self) -> None:
         if self._closed:
@@ -307,6 +403,15 @@ class RemoteExecutor(Executor):
         # The prefix of this connection's invocation ids: the id of the call
         # sent as stream ``n`` is ``f"{session}-{n}"`` (told to the server first).
         self.session = new_session()
+        self._codec = codec
+        # Reconnect (``WebSocketExecutor(reconnect=True)``): the connection is
+        # opened again after a loss, and the instances this executor created
+        # (their create requests, by name) are attached again.
+        self.reconnect = False
+        self.reconnects = 0
+        self._reconnecting: anyio.Event | None = None  # set once connected again
+        self._parked: deque[anyio.Event] = deque()  # calls waiting for it, in order
+        self._held: dict[str, list[Any]] = {}
 
     # -- to implement ----------------------------------------------------------
     @abstractmethod
@@ -316,17 +421,32 @@ class RemoteExecutor(Executor):
     async def _disconnect(self) -> None:
         """Release what ``_connect`` made, after the transport is closed."""
 
+    def _connected(self, transport: FrameTransport) -> None:
+        """``transport`` is the connection now (at start and at each reconnect)."""
+
+    def _known_lost(self) -> ConnectionLostError | None:
+        """Why the transport is known to be gone, before the reader says so."""
+        return None
+
+    @property
+    def connected(self) -> bool:
+        """Started, and the connection is up (not lost, not reconnecting)."""
+        return self.started and self._lost is None and self._reconnecting is None
+
     # -- lifecycle -------------------------------------------------------------
     async def _start(self) -> None:
         # The backend's own Event class: ``anyio.Event()`` looks the backend up
         # on every call (2 µs), once per remote call.
         self._new_event = type(anyio.Event())
-        self._transport = await self._connect()
+        self._transport = transport = await self._connect()
         stack = AsyncExitStack()
         try:
             self._task_group = await stack.enter_async_context(anyio.create_task_group())
-            self._task_group.start_soon(self._read_loop, name=f"{type(self).__name__} reader")
+            self._task_group.start_soon(
+                self._read_loop, transport, name=f"{type(self).__name__} reader"
+            )
             await self._hello()
+            self._connected(transport)
         except BaseException:
             if self._task_group is not None:
                 self._task_group.cancel_scope.cancel()
@@ -345,6 +465,13 @@ class RemoteExecutor(Executor):
 
     async def _stop(self) -> None:
         connection, transport = self._connection, self._transport
+        reconnecting, self._reconnecting = self._reconnecting, None
+        if reconnecting is not None:
+            self._lost = ExecutorStateError(f"{type(self).__name__} was stopped")
+            reconnecting.set()
+        parked, self._parked = self._parked, deque()
+        for turn in parked:  # calls waiting for the connection fail now
+            turn.set()
         try:
             if transport is not None and self._lost is None:
                 connection.send_close("client stopped")
@@ -366,23 +493,24 @@ class RemoteExecutor(Executor):
                 await stack.aclose()
 
     # -- the reader --------------------------------------------------------------
-    async def _read_loop(self) -> None:
-        assert self._transport is not None
+    async def _read_loop(self, transport: FrameTransport) -> None:
         connection = self._connection
         try:
             while True:
-                self._handle_frame(await self._transport.receive_frame())
+                self._handle_frame(await transport.receive_frame())
                 if connection.has_data_to_send and self._task_group is not None:
                     # e.g. the cancel of a stream whose items could not be decoded
                     self._task_group.start_soon(self._flush_quietly)
         except anyio.get_cancelled_exc_class():
             raise
         except ConnectionLostError as exc:
-            self._connection_lost(exc)
+            self._connection_lost(exc, transport)
         except RemoteExecError as exc:  # the server broke the protocol
-            self._connection_lost(ConnectionLostError(f"protocol error from the server: {exc}"))
+            self._connection_lost(
+                ConnectionLostError(f"protocol error from the server: {exc}"), transport
+            )
         except Exception as exc:  # noqa: BLE001 - the reader must never take the caller down
-            self._connection_lost(ConnectionLostError(f"connection failed: {exc!r}"))
+            self._connection_lost(ConnectionLostError(f"connection failed: {exc!r}"), transport)
 
     def _handle_frame(self, frame: bytes | bytearray | memoryview) -> None:
         """Hand each message of ``frame`` to its waiter; its own function, so
@@ -405,9 +533,87 @@ class RemoteExecutor(Executor):
             else:
                 waiter.push(message)
 
-    def _connection_lost(self, exc: ConnectionLostError) -> None:
-        self._lost = exc
+    def _connection_lost(
+        self, exc: ConnectionLostError, transport: FrameTransport | None = None
+    ) -> None:
+        """Every call and stream in flight fails with ``exc`` (none is sent
+        again); then the executor is done, or reconnects (``reconnect``).
+        ``transport``: the one that failed (an older one's loss is old news)."""
+        if transport is not None and transport is not self._transport:
+            return
         self._fail_all(exc)
+        if not self.reconnect or self._state != "running" or self._task_group is None:
+            self._lost = exc
+        elif self._reconnecting is None:
+            self._reconnecting = self._new_event()
+            self._task_group.start_soon(self._reconnect, exc, name=f"{self!r} reconnect")
+
+    async def _reconnect(self, cause: ConnectionLostError) -> None:
+        """Open the connection again (bounded, jittered exponential backoff),
+        then attach the instances this executor created again, re-creating
+        those the server no longer has (a restarted daemon)."""
+        logger.warning("%r: %s; reconnecting", self, cause)
+        token = _reconnecting.set(True)  # this task's requests need not wait for it
+        try:
+            old = self._transport
+            if old is not None:
+                with anyio.CancelScope(shield=True), anyio.move_on_after(_CANCEL_SEND_TIMEOUT):
+                    await old.aclose()
+            delay = RECONNECT_DELAY
+            attempt = 0
+            while True:
+                attempt += 1
+                try:
+                    await self._reopen()
+                    break
+                except (OSError, RemoteExecError, TimeoutError) as exc:
+                    pause = delay * random.uniform(0.5, 1.0)
+                    logger.info(
+                        "%r: reconnect attempt %d failed (%s); next in %.2f s",
+                        self,
+                        attempt,
+                        exc,
+                        pause,
+                    )
+                    await anyio.sleep(pause)
+                    delay = min(delay * 2, RECONNECT_MAX_DELAY)
+        finally:
+            _reconnecting.reset(token)
+        self.reconnects += 1
+        waiting, self._reconnecting = self._reconnecting, None
+        if waiting is not None:
+            waiting.set()
+        self._wake_next()
+        logger.warning("%r: reconnected (%d reconnects so far)", self, self.reconnects)
+
+    async def _reopen(self) -> None:
+        """One attempt: a new transport, protocol state and session; then re-attach."""
+        transport = await self._connect()
+        self._connection = RpcConnection(
+            Side.CLIENT, self.registry, codec=self._codec, limits=self.limits
+        )
+        self.session = new_session()
+        self._transport = transport
+        assert self._task_group is not None
+        self._task_group.start_soon(self._read_loop, transport, name=f"{self!r} reader")
+        try:
+            await self._hello()
+            for name, request in list(self._held.items()):
+                again = [*request]
+                again[6] = True  # exist_ok: attach to it if the server still has it
+                try:  # its config as it is now on this side
+                    again[5] = config_of(self.registry.get_instance(name))
+                except UnknownInstanceError:
+                    pass
+                if await self._request("", "create_instance", again):
+                    logger.warning("%r: re-created %r (the server no longer had it)", self, name)
+                else:
+                    logger.info("%r: re-attached %r", self, name)
+        except BaseException:
+            with anyio.CancelScope(shield=True):
+                await transport.aclose()
+            raise
+        self._connected(transport)
 
     def _fail_all(self, exc: BaseException) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -417,8 +623,41 @@ class RemoteExecutor(Executor):
     # -- sending -----------------------------------------------------------------
     def _check_usable(self) -> None:
         self.check_running()
-        if self._lost is not None:
-            raise ConnectionLostError(str(self._lost)) from self._lost
+        lost = self._lost
+        if lost is not None:
+            if isinstance(lost, ConnectionLostError):
+                raise ConnectionLostError(str(lost)) from lost
+            raise lost
+
+    async def _wait_turn(self) -> None:
+        """Until the connection is up again, for a call made while it reconnects.
+
+        Such calls go out in the order they were made: each one, woken in
+        turn, wakes the next once its own frame is queued (trio wakes the
+        waiters of one event in any order).
+        """
+        parked = self._parked
+        turn = self._new_event()
+        parked.append(turn)
+        if self._reconnecting is None and parked[0] is turn:
+            parked.popleft()  # connected, and nobody waits before it: go
+            return
+        try:
+            await turn.wait()
+        except BaseException:
+            try:
+                parked.remove(turn)  # still waiting: leave the line
+            except ValueError:
+                self._wake_next()  # it was its turn: hand it on
+            raise
+        try:
+            self._check_usable()
+        finally:
+            self._wake_next()  # runs once this task has queued its call
+
+    def _wake_next(self) -> None:
+        if self._reconnecting is None and self._parked:
+            self._parked.popleft().set()
 
     async def _flush(self) -> None:
         """Write every queued frame.
@@ -446,10 +685,11 @@ class RemoteExecutor(Executor):
             self._flushing = False
 
     async def _flush_quietly(self) -> None:
+        transport = self._transport
         try:
             await self._flush()
         except ConnectionLostError as exc:
-            self._connection_lost(exc)
+            self._connection_lost(exc, transport)
 
     async def _send_call(
         self,
@@ -463,6 +703,13 @@ class RemoteExecutor(Executor):
         meta: dict[str, Any] | None = None,
     ) -> int:
         self._check_usable()
+        if self.reconnect:
+            lost = self._known_lost()
+            if lost is not None:  # not sent yet: it waits for the reconnect
+                self._connection_lost(lost, self._transport)
+            if (self._reconnecting is not None or self._parked) and not _reconnecting.get():
+                await self._wait_turn()
+        transport = self._transport
         stream_id = self._connection.send_call(
             target, method, list(args), kwargs, stream=bool(stream), credit=stream, meta=meta
         )
@@ -470,25 +717,26 @@ class RemoteExecutor(Executor):
         try:
             await self._flush()
         except ConnectionLostError as exc:
-            self._connection_lost(exc)
+            self._connection_lost(exc, transport)
         return stream_id
 
     async def _grant(self, stream_id: int | None, count: int) -> None:
-        if stream_id is None or self._lost is not None:
+        if stream_id is None or self._lost is not None or self._reconnecting is not None:
             return
         self._connection.send_credit(stream_id, count)
         await self._flush()
 
     async def _cancel(self, stream_id: int) -> None:
         """Tell the server to cancel ``stream_id``, even from a cancelled task."""
-        if self._lost is not None or not self.started:
+        if self._lost is not None or not self.started or self._reconnecting is not None:
             return
+        transport = self._transport
         self._connection.send_cancel(stream_id)
         with anyio.move_on_after(_CANCEL_SEND_TIMEOUT, shield=True):
             try:
                 await self._flush()
             except ConnectionLostError as exc:
-                self._connection_lost(exc)
+                self._connection_lost(exc, transport)
 
     async def _request(
         self,
@@ -555,28 +803,36 @@ class RemoteExecutor(Executor):
             self, target, marker.name, list(args), kwargs or {}, bound, self.window, marker.timeout
         )
 
-    async def _create(self, obj: Any, name: str, args: Any, kwargs: Any, exist_ok: bool) -> bool:
+    async def _create(
+        self, obj: Any, name: str, args: Any, kwargs: Any, exist_ok: bool, scope: str = "server"
+    ) -> bool:
         self._check_usable()
+        check_scope(scope)
         module, qualname = qualified_name(type(obj))
         main_path = None
         if module == "__main__":
             main_path = getattr(sys.modules["__main__"], "__file__", None)
             if main_path is not None and main_path.startswith("<"):
                 main_path = None  # "<stdin>", "<string>": no file to import either
-        created: bool = await self._request(
-            "",
-            "create_instance",
-            [module, qualname, name, list(args), kwargs, config_of(obj), exist_ok, main_path],
-        )
+        request = [module, qualname, name, list(args), kwargs, config_of(obj), exist_ok, main_path]
+        if scope != "server":  # the default: a request without it is understood everywhere
+            request.append(scope)
+        created: bool = await self._request("", "create_instance", request)
         if self.registry.name_of(obj) != name:
             self.registry.add_instance(obj, name)
+        if self.reconnect:
+            self._held[name] = request  # attached again after a reconnect
         return created
 
-    async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
-        await self._create(obj, name, args, kwargs, exist_ok=False)
+    async def create_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> None:
+        await self._create(obj, name, args, kwargs, exist_ok=False, scope=scope)
 
-    async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
-        return await self._create(obj, name, args, kwargs, exist_ok=True)
+    async def ensure_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> bool:
+        return await self._create(obj, name, args, kwargs, exist_ok=True, scope=scope)
 
     async def delete_remote_instance(self, obj: Any) -> None:
         self._check_usable()
@@ -585,6 +841,7 @@ class RemoteExecutor(Executor):
             await self._request("", "delete_instance", [name])
         finally:
             self.registry.remove_instance(name)
+            self._held.pop(name, None)
 
     async def get_remote_objects(self) -> list[str]:
         self._check_usable()
@@ -645,14 +902,23 @@ class RemoteExecutor(Executor):
 
         async def was_accepted() -> None:
             await accepted.done.wait()
-            if accepted.error is not None:
-                raise accepted.error
+            error = accepted.error
+            if error is not None:
+                if self.reconnect and isinstance(error, ConnectionLostError):
+                    return  # maybe it arrived: after the reconnect, ask by id
+                raise error
 
         return Invocation(self, make_invocation_id(self.session, stream_id), was_accepted)
 
     async def invocation_result(self, invocation_id: str) -> Any:
-        self._check_usable()
-        return await self._request("", "invocation_result", [invocation_id])
+        while True:
+            self._check_usable()
+            try:
+                return await self._request("", "invocation_result", [invocation_id])
+            except ConnectionLostError as exc:
+                if not self.reconnect or isinstance(exc, RemoteException):
+                    raise  # no reconnect, or the invocation's own failure
+                # A read, not a call: asked again once the connection is back.
 
     def follow_log(self, invocation_id: str) -> RemoteStream:
         self._check_usable()
@@ -684,6 +950,19 @@ class RemoteExecutor(Executor):
         self._check_usable()
         check_channel(name, channel)
         return _Stream(self, "", "subscribe", [name, channel], {}, None, self.window)
+
+    def observe(self, obj: Any, names: Iterable[str]) -> RemoteStream:
+        """Changes of the public attributes ``names`` of ``obj``'s twin (the
+        server's ``observe`` operation; see ``Executor.observe``).
+
+        Raises:
+            NotAllowedError: a name is private or not an identifier.
+        """
+        self._check_usable()
+        wanted = check_observed_names(names)
+        target = self.registry.require_name(obj)
+        stream = _Stream(self, "", "observe", [target, list(wanted)], {}, None, self.window)
+        return ChangeStream(stream)
 
 
 def _deadline_meta(deadline: float | None) -> dict[str, Any] | None:

@@ -37,6 +37,8 @@ from remote_exec.executor import (
     Invocation,
     RemoteStream,
     call_deadline,
+    check_observed_names,
+    check_scope,
     config_of,
     module_name,
     resolve_call,
@@ -57,6 +59,7 @@ from remote_exec.runtime.detached import DetachedPeer
 from remote_exec.runtime.events import EventHub
 from remote_exec.runtime.instances import Instance
 from remote_exec.runtime.invocations import LogFollower, detached_outcome
+from remote_exec.runtime.observe import Observer
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 
 __all__ = ["ThreadExecutor", "ThreadStream"]
@@ -251,21 +254,38 @@ class ThreadExecutor(Executor):
             self._events.close()
 
     # -- instances -------------------------------------------------------------
-    async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    async def create_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> None:
         """Hold ``obj`` as ``name`` and start its thread (``args`` are ignored:
         the instance is ``obj`` itself).
 
+        A context manager is entered in its thread right away (``obj`` is the
+        caller's own object: it is this executor that enters it, so do not
+        enter it yourself too) and exited there when it is deleted or the
+        executor stops. Both scopes end at the executor's stop at the latest:
+        its connection is the executor itself.
+
         Raises:
             DuplicateInstanceError: ``name`` (or ``obj``) is already held.
+            ValueError: ``scope`` is neither "server" nor "connection".
         """
         self.check_running()
+        check_scope(scope)
+        held = self.registry.name_of(obj)
+        if held is not None:  # found before it is entered a second time
+            raise DuplicateInstanceError(f"{type(obj).__qualname__} is already held as {held!r}")
         cls = type(obj)
         key = (cls.__module__, cls.__qualname__)
         if self._peer.check is not None:  # what a remote executor's create request carries
-            self._peer.check.call([*key, name, list(args), kwargs, config_of(obj), False, None], {})
-        await self._runtime.create(name, key, functools.partial(_same, obj))
+            self._peer.check.call(
+                [*key, name, list(args), kwargs, config_of(obj), False, None, scope], {}
+            )
+        await self._runtime.create(name, key, functools.partial(_same, obj), scope=scope)
 
-    async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
+    async def ensure_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> bool:
         """Like ``create_remote_instance``; False if ``obj`` is already held as ``name``.
 
         Raises:
@@ -273,6 +293,7 @@ class ThreadExecutor(Executor):
                 under another name.
         """
         self.check_running()
+        check_scope(scope)
         instance = self._runtime.instances.get(name)
         if instance is not None:
             if instance.obj is obj:
@@ -280,7 +301,7 @@ class ThreadExecutor(Executor):
             raise DuplicateInstanceError(
                 f"an instance named {name!r} already exists and is another object"
             )
-        await self.create_remote_instance(obj, name, *args, **kwargs)
+        await self.create_remote_instance(obj, name, *args, scope=scope, **kwargs)
         return True
 
     async def delete_remote_instance(self, obj: Any) -> None:
@@ -493,6 +514,20 @@ class ThreadExecutor(Executor):
         "delete", "execute" or "" for all); they end when the executor stops."""
         self.check_running()
         return self._events.subscribe(name, channel)
+
+    def observe(self, obj: Any, names: Iterable[str]) -> RemoteStream:
+        """Changes of the public attributes ``names`` of ``obj``, read in its
+        thread after each of its calls (see ``Executor.observe``); an observer
+        more than 1024 changes behind is resynchronised.
+
+        Raises:
+            NotAllowedError: a name is private or not an identifier.
+        """
+        self.check_running()
+        wanted = check_observed_names(names)
+        check = self._peer.check
+        vet = None if check is None else check.result
+        return Observer(self._instance(obj), wanted, self._events.max_queue, vet=vet)
 
 
 class _StreamInbox:

@@ -159,7 +159,7 @@ class WebSocketTransport:
             )
             raise self._lost_error() from None
         except _STREAM_ERRORS as exc:
-            await self._abort(f"sending failed: {exc or type(exc).__name__}")
+            await self._abort(f"sending failed: {str(exc) or type(exc).__name__}")
             raise self._lost_error() from exc
 
     async def _flush_control(self) -> None:
@@ -224,7 +224,7 @@ class WebSocketTransport:
         except anyio.EndOfStream:
             chunk = b""
         except _STREAM_ERRORS as exc:
-            self._lose(f"the connection failed: {exc or type(exc).__name__}")
+            self._lose(f"the connection failed: {str(exc) or type(exc).__name__}")
             raise self._lost_error() from exc
         if self._alive is not None:
             self._alive.set()
@@ -543,6 +543,13 @@ class WebSocketExecutor(RemoteExecutor):
         window: stream items the server may send ahead of the consumer.
         registry: the instance registry (a fresh one by default).
         init_context: enter ``ExecutorContext(self)`` inside ``async with``.
+        reconnect: open the connection again when it is lost (bounded,
+            jittered exponential backoff). Calls and streams in flight then
+            fail with ``ConnectionLostError`` and are never sent again; calls
+            made meanwhile wait for it (within their deadline); the instances
+            this executor created are attached again, and re-created (class,
+            arguments, config) where the daemon no longer has them.
+            ``connected`` and ``reconnects`` tell where it stands.
     """
 
     is_remote = True
@@ -561,10 +568,12 @@ class WebSocketExecutor(RemoteExecutor):
         window: int = DEFAULT_WINDOW,
         registry: InstanceRegistry | None = None,
         init_context: bool = True,
+        reconnect: bool = False,
     ) -> None:
         super().__init__(
             codec=codec, limits=limits, window=window, registry=registry, init_context=init_context
         )
+        self.reconnect = reconnect
         self._uri = _parse_url(url)
         if ssl is not None and not self._uri.secure:
             raise ValueError(f"ssl= is only for wss:// URLs, not {url}")
@@ -596,16 +605,21 @@ class WebSocketExecutor(RemoteExecutor):
         self._websocket = transport
         return transport
 
-    async def _start(self) -> None:
-        await super()._start()
+    def _known_lost(self) -> ConnectionLostError | None:
+        websocket = self._websocket
+        if websocket is None or websocket.is_open:
+            return None
+        return websocket._lost_error()
+
+    def _connected(self, transport: FrameTransport) -> None:
         websocket = self._websocket
         if (
             self.ping_interval is not None
-            and websocket is not None
+            and websocket is transport
             and self._task_group is not None
         ):
-            # The keepalive lives in this executor's own task group, beside the
-            # reader; stopping the executor cancels both.
+            # The keepalive of this connection lives in this executor's own
+            # task group, beside the reader; it ends with its connection.
             self._task_group.start_soon(
                 websocket.keepalive,
                 self.ping_interval,

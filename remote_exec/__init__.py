@@ -56,6 +56,7 @@ if TYPE_CHECKING:
         Executor as Executor,
         ExecutorContext as ExecutorContext,
         Invocation as Invocation,
+        PropertyChange as PropertyChange,
         RemoteStream as RemoteStream,
         current_executor as current_executor,
     )
@@ -104,6 +105,7 @@ _HOMES: dict[str, str] = {
     "Executor": "remote_exec.executor",
     "ExecutorContext": "remote_exec.executor",
     "Invocation": "remote_exec.executor",
+    "PropertyChange": "remote_exec.executor",
     "RemoteStream": "remote_exec.executor",
     "current_executor": "remote_exec.executor",
     # remote_exec.invocations
@@ -138,6 +140,7 @@ __all__ = [
     "LogEntry",
     "NotAllowedError",
     "ProcessExecutor",
+    "PropertyChange",
     "ProtocolError",
     "RayExecutor",
     "RegistryError",

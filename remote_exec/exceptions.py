@@ -172,6 +172,7 @@ _remote_builtin_classes: dict[type[BaseException], type[RemoteException]] = {}
 _OWN_ERRORS: dict[str, type[RemoteExecError]] = {
     cls.__name__: cls
     for cls in (
+        ConnectionLostError,
         UnknownInstanceError,
         DuplicateInstanceError,
         NotAllowedError,

@@ -36,6 +36,7 @@ __all__ = [
     "Executor",
     "ExecutorContext",
     "Invocation",
+    "PropertyChange",
     "RemoteStream",
     "current_executor",
 ]
@@ -341,6 +342,73 @@ class RemoteStream(ABC):
         )
 
 
+@dataclass(frozen=True, slots=True)
+class PropertyChange:
+    """One item of ``executor.observe(obj, names)``: an attribute's value.
+
+    ``seq`` counts the subscription's items from 1 and only goes up; a gap
+    before a resynchronisation is the changes it replaced. ``resync`` marks the
+    items of a resynchronisation: the subscriber fell behind, so it gets the
+    current value of every observed name, one item per name in the order
+    asked, all marked, instead of what it missed. ``error`` is
+    ``"TypeName: message"`` when reading the attribute raised (``value`` is
+    then None) or its value could not travel; a read that works again is a
+    change. So ``state[change.name] = change.value`` keeps a copy up to date.
+    """
+
+    seq: int
+    name: str
+    value: Any
+    resync: bool = False
+    error: str | None = None
+
+    def to_wire(self) -> list[Any]:
+        return [self.seq, self.name, self.value, self.resync, self.error]
+
+    @classmethod
+    def from_wire(cls, row: Any) -> PropertyChange:
+        seq, name, value, resync, error = row
+        return cls(int(seq), str(name), value, bool(resync), None if error is None else str(error))
+
+
+class ChangeStream(RemoteStream):
+    """An ``observe`` stream's wire rows as ``PropertyChange`` items.
+
+    Entering waits for the first item (the initial values), so that the
+    subscription is live, or its refusal raised, when the block starts.
+    """
+
+    def __init__(self, stream: RemoteStream) -> None:
+        self._stream = stream
+        self._first: PropertyChange | None = None
+        self._over = False
+
+    async def __aenter__(self) -> Self:
+        try:
+            await self._stream.__aenter__()
+            self._first = PropertyChange.from_wire(await self._stream.__anext__())
+        except StopAsyncIteration:
+            self._over = True  # the instance went away at once
+        except BaseException:
+            with anyio.CancelScope(shield=True), anyio.move_on_after(5):
+                await self._stream.aclose()
+            raise
+        return self
+
+    async def __anext__(self) -> PropertyChange:
+        first, self._first = self._first, None
+        if first is not None:
+            return first
+        if self._over:
+            raise StopAsyncIteration
+        return PropertyChange.from_wire(await self._stream.__anext__())
+
+    async def aclose(self) -> None:
+        self._over = True
+        self._first = None
+        await self._stream.aclose()
+
+
 class MappedStream(RemoteStream):
     """Another stream's items, each passed through ``convert``."""
 
@@ -516,9 +584,22 @@ class Executor(ABC):
 
     # -- instances -------------------------------------------------------------
     @abstractmethod
-    async def ensure_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> bool:
+    async def ensure_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> bool:
         """Create the remote twin of ``obj`` as ``name`` (from its class, ``args``,
-        ``kwargs`` and ``_config_props_``); False if ``name`` already existed."""
+        ``kwargs`` and ``_config_props_``); False if ``name`` already existed
+        (its scope stays what it was).
+
+        ``scope``: "server" (the default: it lives until deleted) or
+        "connection" (deleted when the connection that made it closes or is
+        lost, and when this executor stops; see ``SCOPES``). A class that is a
+        context manager (sync or async) is entered where it lives right after
+        it is built, and exited exactly once when it is deleted.
+
+        Raises:
+            ValueError: ``scope`` is not one of ``SCOPES``.
+        """
 
     @abstractmethod
     async def delete_remote_instance(self, obj: Any) -> None:
@@ -526,15 +607,18 @@ class Executor(ABC):
 
     @asynccontextmanager
     async def remote_instance(
-        self, obj: Any, name: str, *args: Any, **kwargs: Any
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
     ) -> AsyncIterator[Any]:
-        """Create ``obj``'s remote twin as ``name`` for the block, delete it after.
+        """Create ``obj``'s remote twin as ``name`` for the block, delete it after
+        (``scope``: see ``ensure_remote_instance``).
 
         Raises:
             DuplicateInstanceError: ``name`` already exists.
+            ValueError: ``scope`` is not one of ``SCOPES``.
         """
         self.check_running()
-        await self.create_remote_instance(obj, name, *args, **kwargs)
+        check_scope(scope)
+        await self.create_remote_instance(obj, name, *args, scope=scope, **kwargs)
         try:
             yield obj
         finally:
@@ -542,7 +626,9 @@ class Executor(ABC):
                 await self.delete_remote_instance(obj)
 
     @abstractmethod
-    async def create_remote_instance(self, obj: Any, name: str, *args: Any, **kwargs: Any) -> None:
+    async def create_remote_instance(
+        self, obj: Any, name: str, *args: Any, scope: str = "server", **kwargs: Any
+    ) -> None:
         """Like ``ensure_remote_instance`` but ``name`` must not exist yet."""
 
     @abstractmethod
@@ -699,6 +785,25 @@ class Executor(ABC):
         """Events of instance ``name`` ("" for all) on ``channel`` ("create",
         "delete", "execute", or "" for all), as a stream."""
 
+    @abstractmethod
+    def observe(self, obj: Any, names: Iterable[str]) -> RemoteStream:
+        """Watch the public attributes ``names`` of ``obj``'s twin:
+        ``async with executor.observe(obj, ["x"]) as changes:`` yields
+        ``PropertyChange`` items, first the current value of each name, then
+        each change, read where the twin lives after each of its calls ends
+        (sync and async methods, generator steps) and compared with ``!=``.
+
+        The subscription is live once the block is entered; leaving it
+        unsubscribes. A subscriber that falls behind (``max_queued_events``
+        changes not taken, 1024 by default) gets one resynchronisation (every
+        current value, marked ``resync``) instead of what it missed. The
+        stream ends when the instance is deleted.
+
+        Raises:
+            NotAllowedError: a name is private or not an identifier.
+            ValueError: no names.
+        """
+
 
 DEADLINE_GRACE = 2.0
 """Seconds a caller waits past a method's ``timeout`` for the remote side's own
@@ -772,6 +877,48 @@ def module_name(module: str | ModuleType) -> str:
 def config_of(obj: Any) -> dict[str, Any]:
     """The values of ``obj``'s ``_config_props_`` (copied to its remote twin)."""
     return {name: getattr(obj, name) for name in getattr(type(obj), "_config_props_", ())}
+
+
+SCOPES = ("server", "connection")
+"""The scopes of an instance: "server" lives until deleted; "connection" is
+deleted too when the connection that created it closes or is lost (for
+ThreadExecutor and ProcessExecutor, whose connection is the executor itself,
+and for RayExecutor: when the executor stops)."""
+
+
+def check_scope(scope: Any) -> str:
+    """``scope`` if it is one of ``SCOPES``.
+
+    Raises:
+        ValueError: it is not.
+    """
+    if not isinstance(scope, str) or scope not in SCOPES:
+        raise ValueError(f"scope must be 'server' or 'connection', not {scope!r}")
+    return scope
+
+
+def check_observed_names(names: Any) -> tuple[str, ...]:
+    """The rule of ``Executor.observe``'s names, the same on every executor
+    and on the server (as for ``get_remote_object_property_data``: public
+    attribute names only): the names in order, without repeats.
+
+    Raises:
+        TypeError: ``names`` is one string, or not an iterable of strings.
+        NotAllowedError: a name is private (starts with ``_``) or not an identifier.
+        ValueError: no names.
+    """
+    if isinstance(names, (str, bytes)):
+        raise TypeError("observe takes a list of attribute names, not one string")
+    try:
+        wanted = tuple(dict.fromkeys(names))
+    except TypeError:
+        raise TypeError(f"observe takes a list of attribute names, not {names!r}") from None
+    for name in wanted:
+        if not isinstance(name, str) or not name.isidentifier() or name.startswith("_"):
+            raise NotAllowedError(f"{name!r} is not a public attribute name")
+    if not wanted:
+        raise ValueError("observe needs at least one attribute name")
+    return wanted
 
 
 CHANNELS = ("create", "delete", "execute")

@@ -188,22 +188,24 @@ class InvocationScope:
         if self.status is InvocationStatus.PENDING:
             self.status = InvocationStatus.RUNNING
             self.started_at = time.time()
+            if self._watchers:  # a status page shows it running
+                self._notify()
 
     def finish(self, error: BaseException | None = None, *, cancelled: bool = False) -> None:
         """The outcome: completed, or error / cancelled with ``error``. Only once."""
-        if self.status.finished:
+        if self.ended_at is not None:  # set here only: it has finished
             return
-        if cancelled or isinstance(error, InvocationCancelled | DeadlineExceeded):
-            status = InvocationStatus.CANCELLED
-        elif error is not None:
-            status = InvocationStatus.ERROR
-        else:
-            status = InvocationStatus.COMPLETED
-        self.status = status
         self.ended_at = time.time()
-        if error is not None:
-            self.error = f"{type(error).__name__}: {error}"
-        self._notify()
+        if error is None and not cancelled:
+            self.status = InvocationStatus.COMPLETED
+        else:
+            # DeadlineExceeded is an InvocationCancelled too.
+            cancelled = cancelled or isinstance(error, InvocationCancelled)
+            self.status = InvocationStatus.CANCELLED if cancelled else InvocationStatus.ERROR
+            if error is not None:
+                self.error = f"{type(error).__name__}: {error}"
+        if self._watchers:
+            self._notify()
 
     def add_log(self, entry: LogEntry, limit: int = DEFAULT_MAX_LOG) -> None:
         """Keep a record (from the thread or task the method runs in)."""
@@ -225,8 +227,8 @@ class InvocationScope:
         return entries[max(len(entries) - (logged - seen), 0) :], logged
 
     def watch(self, wake: Callable[[], object]) -> Callable[[], None]:
-        """Call ``wake()`` (from any thread) at each new record and at the end;
-        returns what stops it."""
+        """Call ``wake()`` (from any thread) when it starts, at each new record
+        and at the end; returns what stops it."""
         watchers = self._watchers
         if watchers is None:
             watchers = self._watchers = []

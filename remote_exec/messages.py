@@ -75,10 +75,16 @@ class Failure:
 
 @dataclass(frozen=True, slots=True)
 class StreamItems:
-    """Items of a generator stream, in order; never more than the credit granted."""
+    """Items of a generator stream, in order; never more than the credit granted.
+
+    ``nbytes``: the size of the frame that carried them, as received (0 when
+    made by hand); not part of the message's value (equality ignores it). A
+    client counts it against ``Limits.max_stream_bytes``.
+    """
 
     stream_id: int
     items: list[Any]
+    nbytes: int = field(default=0, compare=False)
 
 
 @dataclass(frozen=True, slots=True)

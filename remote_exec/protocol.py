@@ -33,6 +33,7 @@ once, for the common small message.
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, fields
 from enum import Enum
@@ -71,7 +72,16 @@ from .messages import (
 )
 from .registry import InstanceRegistry
 
-__all__ = ["DEFAULT_WINDOW", "Decoded", "DecodedFrame", "Limits", "RpcConnection", "Side"]
+__all__ = [
+    "DEFAULT_MAX_STREAM_BYTES",
+    "DEFAULT_WINDOW",
+    "MIN_STREAM_BYTES",
+    "Decoded",
+    "DecodedFrame",
+    "Limits",
+    "RpcConnection",
+    "Side",
+]
 
 FramePieces = list[bytes | memoryview]
 
@@ -86,6 +96,18 @@ acquire dozens of frames that a consumer stopping early never asked for.
 Throughput over a network is about ``window / 2`` items per round trip
 (credit comes back in halves): raise it (up to ``Limits.max_credit``) for
 fast streams of many small items.
+"""
+
+DEFAULT_MAX_STREAM_BYTES = 16 * 1024 * 1024
+"""``Limits.max_stream_bytes``: the window in bytes, beside ``DEFAULT_WINDOW`` in items."""
+
+MIN_STREAM_BYTES = 64 * 1024
+"""The least ``Limits.max_stream_bytes``, and what a starved client grants at.
+
+A client whose consumer waits for items grants the items it consumed as soon
+as their bytes reach this, whatever its own ``max_stream_bytes``: a server
+whose bound is smaller than the client's, but at least this, then never waits
+for a grant that would not come.
 """
 
 
@@ -116,6 +138,13 @@ class Limits:
             call is answered at once with ``TooManyCallsError`` (``--max-calls``).
         max_credit: stream items the server may produce ahead of the consumer,
             per stream: the most credit a client may grant (``--max-queued-items``).
+        max_stream_bytes: the same window in bytes (``--max-stream-bytes``,
+            at least ``MIN_STREAM_BYTES``): a server produces no more items on
+            a stream while the frames of items it sent and the client has not
+            granted again (consumed) hold this many bytes; one item always
+            may go when none is in flight, whatever its size. A client grants
+            again once the items it consumed hold half of it. Both sides
+            should use the same value.
         max_instances: server side: instances one connection may have created
             and not yet deleted (``--max-instances``).
         max_server_instances: server side: instances held at once, whoever
@@ -130,6 +159,7 @@ class Limits:
     max_elements: int = DEFAULT_MAX_ELEMENTS
     max_calls: int = 256
     max_credit: int = 1024
+    max_stream_bytes: int = DEFAULT_MAX_STREAM_BYTES
     max_instances: int = 64
     max_server_instances: int = 1024
     max_queued_events: int = 1024
@@ -141,6 +171,8 @@ class Limits:
                 raise ValueError(f"Limits.{name} must be a positive int, not {value!r}")
         if self.max_buffers > 0xFFFF:  # the frame header's buffer count is a u16
             raise ValueError("Limits.max_buffers cannot exceed 65535")
+        if self.max_stream_bytes < MIN_STREAM_BYTES:
+            raise ValueError(f"Limits.max_stream_bytes must be at least {MIN_STREAM_BYTES}")
 
 
 class DecodedFrame(NamedTuple):
@@ -153,6 +185,7 @@ class DecodedFrame(NamedTuple):
     # meta; a Result's value; StreamItems' items), or what building it raised;
     # None when there is none (the message's handler builds, or refuses, it).
     payload: Any
+    size: int = 0  # the frame's length in bytes, header included
 
 
 class Decoded(NamedTuple):
@@ -161,6 +194,41 @@ class Decoded(NamedTuple):
     frames: list[DecodedFrame]
     error: Exception | None  # what the next frame's header raised: raised after ``frames``
     rest: int | None  # where the frames not decoded yet start (None: no more)
+
+
+class _InFlight:
+    """Server side: the bytes of a stream's items sent and not yet granted again.
+
+    ``batches`` holds ``[items, bytes per item]`` per frame of items, oldest
+    first: each ``Credit`` of ``k`` means the client consumed the oldest ``k``
+    items, so their share of their frames' bytes is no longer in flight.
+    """
+
+    __slots__ = ("batches", "nbytes", "share")
+
+    def __init__(self) -> None:
+        self.batches: deque[list[float]] = deque()
+        self.nbytes = 0.0
+        self.share = 0.0  # bytes per item of the last frame sent; 0: none sent yet
+
+    def sent(self, count: int, size: int) -> None:
+        share = self.share = size / count
+        self.batches.append([count, share])
+        self.nbytes += size
+
+    def granted(self, count: int) -> None:
+        batches = self.batches
+        while count and batches:
+            batch = batches[0]
+            if batch[0] > count:
+                batch[0] -= count
+                self.nbytes -= count * batch[1]
+                return
+            count -= int(batch[0])
+            batches.popleft()
+            self.nbytes -= batch[0] * batch[1]
+        if not batches:
+            self.nbytes = 0.0  # no rounding left over
 
 
 class RpcConnection:
@@ -197,6 +265,8 @@ class RpcConnection:
         # server: id -> remaining credit (None for a plain call)
         self._open: dict[int, int | None] = {}
         self._reply_codec: dict[int, Codec] = {}
+        self._in_flight: dict[int, _InFlight] = {}  # server: open streams' bytes
+        self._frame_size = 0  # the length of the frame being received
         self._abandoned: set[int] = set()  # client: undecodable streams, answers dropped
         self.closed = False
 
@@ -212,6 +282,35 @@ class RpcConnection:
     def credit(self, stream_id: int) -> int:
         """Server side: how many items may still be sent on ``stream_id``."""
         return self._open.get(stream_id) or 0
+
+    def stream_bytes(self, stream_id: int) -> int:
+        """Server side: the bytes of the frames of items sent on ``stream_id``
+        and not granted again yet (items of a frame partly granted count
+        their share of it)."""
+        flight = self._in_flight.get(stream_id)
+        return 0 if flight is None else round(flight.nbytes)
+
+    def allowance(self, stream_id: int) -> int:
+        """Server side: how many items to produce now on ``stream_id``: its
+        credit, bounded by ``Limits.max_stream_bytes``.
+
+        0 while the items sent and not granted again hold that many bytes;
+        else as many items as fit in what is left, by the size of the last
+        frame's items, and at least one. Before any item was sent, one: its
+        size is not known yet.
+        """
+        left = self._open.get(stream_id)
+        if not left:
+            return 0
+        flight = self._in_flight.get(stream_id)
+        if flight is None:
+            return left
+        if not flight.share:
+            return 1
+        room = self.limits.max_stream_bytes - flight.nbytes
+        if room <= 0:
+            return 0
+        return max(1, min(left, int(room / flight.share)))
 
     def open_ids(self) -> list[int]:
         return list(self._open)
@@ -275,6 +374,7 @@ class RpcConnection:
         except CodecError as exc:
             raise ProtocolError(f"undecodable message: {exc}") from exc
         stream_id, handler = self._envelope(tree)
+        self._frame_size = header.frame_length
         handler(self, codec, stream_id, tree[2:], frame.buffers)
 
     def _envelope(self, tree: Any) -> tuple[int, Callable[..., None]]:
@@ -359,7 +459,7 @@ class RpcConnection:
                     payload = build(self, codec, tree[2:], frame.buffers)
                 except Exception as exc:  # noqa: BLE001 - raised where building would have been
                     payload = exc
-        return DecodedFrame(codec, tree, frame.buffers, payload)
+        return DecodedFrame(codec, tree, frame.buffers, payload, header.frame_length)
 
     def receive_decoded(self, decoded: Decoded) -> None:
         """The second half of ``receive_frame``: receive what ``decode`` made,
@@ -377,6 +477,7 @@ class RpcConnection:
                 raise frame.payload
             self._codecs.setdefault(codec.codec_id, codec)
             stream_id, handler = self._envelope(tree)
+            self._frame_size = frame.size
             if frame.payload is None:
                 handler(self, codec, stream_id, tree[2:], frame.buffers)
             else:  # a handler of _PAYLOADS' kinds, which takes it
@@ -496,7 +597,7 @@ class RpcConnection:
 
     def _send_items(self, codec: Codec, stream_id: int, items: list[Any]) -> None:
         try:
-            self._send(codec, [4, stream_id, items])
+            frame = self._send(codec, [4, stream_id, items])
         except FrameError:
             if len(items) < 2:
                 raise
@@ -505,6 +606,13 @@ class RpcConnection:
             self._send_items(codec, stream_id, items[half:])
             return
         self._open[stream_id] = (self._open[stream_id] or 0) - len(items)
+        flight = self._in_flight.get(stream_id)
+        if flight is not None and items:
+            if len(frame) == 1:  # nothing out of band: the common case
+                size = len(frame[0])
+            else:
+                size = sum(len(p) if isinstance(p, bytes) else p.nbytes for p in frame)
+            flight.sent(len(items), size)
 
     def send_stream_end(self, stream_id: int) -> None:
         self._end(stream_id, [5, stream_id])
@@ -530,19 +638,20 @@ class RpcConnection:
         self._send(self._reply_codec.get(stream_id, self._codec), message)
         del self._open[stream_id]
         self._reply_codec.pop(stream_id, None)
+        self._in_flight.pop(stream_id, None)
 
-    def _send(self, codec: Codec, message: list[Any]) -> None:
+    def _send(self, codec: Codec, message: list[Any]) -> FramePieces:
         # Every message starts [kind, stream id]: ints of our own, not walked.
         body, buffers = codec.dumps(message, self.registry, head=2)
-        self._outgoing.append(
-            encode_frame(
-                codec.codec_id,
-                body,
-                buffers,
-                max_size=self.limits.max_message_size,
-                max_buffers=self.limits.max_buffers,
-            )
+        frame = encode_frame(
+            codec.codec_id,
+            body,
+            buffers,
+            max_size=self.limits.max_message_size,
+            max_buffers=self.limits.max_buffers,
         )
+        self._outgoing.append(frame)
+        return frame
 
     def _build(self, codec: Codec, tree: Any, buffers: list[memoryview]) -> Any:
         return codec.build(tree, self.registry, buffers)
@@ -589,6 +698,8 @@ class RpcConnection:
             return
         self._open[sid] = credit if stream else None
         self._reply_codec[sid] = codec
+        if stream:
+            self._in_flight[sid] = _InFlight()
         self._events.append(Call(sid, target, method, args, kwargs, stream, credit, meta))
 
     def _call_payload(
@@ -631,6 +742,9 @@ class RpcConnection:
                 f"credit on stream {sid} exceeds the cap of {self.limits.max_credit}"
             )
         self._open[sid] = left + f[0]
+        flight = self._in_flight.get(sid)
+        if flight is not None:
+            flight.granted(f[0])
         self._events.append(Credit(sid, f[0]))
 
     def _on_cancel(self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]) -> None:
@@ -714,7 +828,7 @@ class RpcConnection:
             return
         if type(items) is not list:  # a tag in place of the list
             raise ProtocolError("StreamItems carry one list")
-        self._events.append(StreamItems(sid, items))
+        self._events.append(StreamItems(sid, items, self._frame_size))
 
     def _on_stream_end(
         self, codec: Codec, sid: int, f: list[Any], buffers: list[memoryview]

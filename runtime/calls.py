@@ -60,6 +60,10 @@ class CallState(enum.Enum):
     PARKED = "parked"  # a stream between steps, waiting for credit
     DONE = "done"  # answered (or dropped): nothing more happens
 
+    # Members are singletons: hashed by identity, in C (Enum's own hash is
+    # Python code, and the move tables look states up twice per move).
+    __hash__ = object.__hash__
+
 
 QUEUED = CallState.QUEUED
 RUNNING = CallState.RUNNING
@@ -272,6 +276,9 @@ class SyncCall(RuntimeCall, Entry):
             return self.fn(self.instance.obj, *self.args, **self.kwargs)
         finally:
             current.reset(token)
+            observation = self.instance.observation
+            if observation is not None and self.method is not None:
+                observation.check()  # here, in its thread, before its result goes back
 
     async def _arun(self) -> Any:  # in the worker thread's own loop
         token = current.set(self.invocation)
@@ -282,6 +289,9 @@ class SyncCall(RuntimeCall, Entry):
             raise self.invocation.deadline_error("running")  # the scope ended it
         finally:
             current.reset(token)
+            observation = self.instance.observation
+            if observation is not None:
+                observation.check()
 
     def _on_done(self, job: Job) -> None:  # on the server loop, in completion order
         # The job refers back to this call: without the cycle, the arguments
@@ -364,6 +374,8 @@ class InlineCall(SyncCall):
             else:
                 self._move(DONE)
                 self._answer(value)
+            if self.instance.observation is not None:
+                self.instance.check_next()  # it ran on the loop: read its attributes next
         peer.forget(self)
         return False  # already finished: the next entry may start
 
@@ -459,6 +471,8 @@ class AsyncCall(RuntimeCall, Entry):
         finally:
             self._move(DONE)
             peer.forget(self)
+            if self.instance.observation is not None:
+                self.instance.check_next()  # it ran on the loop: read its attributes next
             self.instance.finish(self)
 
     async def abort(self) -> None:
@@ -568,7 +582,7 @@ class StreamCall(RuntimeCall, Entry):
 
     def _continue(self) -> None:
         """Between steps: back to the tail of the FIFO if there is credit, else park."""
-        if self.stop or (self.peer.alive and self.peer.credit(self.sid) > 0):
+        if self.stop or (self.peer.alive and self._room() > 0):
             self._move(QUEUED)
             try:
                 self.instance.enqueue(self)
@@ -698,7 +712,7 @@ class StreamCall(RuntimeCall, Entry):
             self._move(RUNNING)
             self.runner.push(self)
             return True
-        credit = self.peer.credit(self.sid) if self.peer.alive else 0
+        credit = self._room() if self.peer.alive else 0
         if not self.stop and credit <= 0:
             self._move(PARKED)
             return False
@@ -706,6 +720,11 @@ class StreamCall(RuntimeCall, Entry):
             self._end()
             return False
         return self._submit(credit)
+
+    def _room(self) -> int:
+        """Items the next step may produce: what the peer allows, less those
+        produced and not sent yet (a flush may still be on its way)."""
+        return self.peer.credit(self.sid) - len(self.buffer)
 
     def _submit(self, count: int) -> bool:
         step = self._astep_in_thread if self.is_async else self._step_in_thread
@@ -737,6 +756,9 @@ class StreamCall(RuntimeCall, Entry):
             self._sync_step(count)
         finally:
             current.reset(token)
+            observation = self.instance.observation
+            if observation is not None:
+                observation.check()
 
     def _sync_step(self, count: int) -> None:
         gen = self.gen
@@ -744,6 +766,7 @@ class StreamCall(RuntimeCall, Entry):
             if gen is None:
                 gen = self.gen = self.fn(self.instance.obj, *self.args, **self.kwargs)
             emit = self._emit
+            instance = self.instance
             for _ in range(count):
                 if self.stop:
                     break
@@ -756,6 +779,8 @@ class StreamCall(RuntimeCall, Entry):
                     self.gen_closed = True
                     raise
                 emit(item)
+                if instance.observation is not None:
+                    self._observe_item()
         if self.stop and gen is not None and not self.gen_closed:
             self.gen_closed = True
             gen.close()  # its ``finally`` runs here, in the instance's thread
@@ -768,6 +793,9 @@ class StreamCall(RuntimeCall, Entry):
             await self._async_step(count)
         finally:
             current.reset(token)
+            observation = self.instance.observation
+            if observation is not None:
+                observation.check()
 
     async def _async_step(self, count: int) -> None:
         gen = self.gen
@@ -775,6 +803,7 @@ class StreamCall(RuntimeCall, Entry):
             if gen is None:
                 gen = self.gen = self.fn(self.instance.obj, *self.args, **self.kwargs)
             emit = self._emit
+            instance = self.instance
             for _ in range(count):
                 if self.stop:
                     break
@@ -787,9 +816,21 @@ class StreamCall(RuntimeCall, Entry):
                     self.gen_closed = True
                     raise
                 emit(item)
+                if instance.observation is not None:
+                    self._observe_item()
         if self.stop and gen is not None and not self.gen_closed:
             self.gen_closed = True
             await gen.aclose()  # its ``finally`` runs here, in the instance's thread
+
+    def _observe_item(self) -> None:  # in the worker thread, after an item
+        """Check the observed attributes; what changed goes out now, not at the
+        step's end (a step may last as long as its generator's slowest items)."""
+        observation = self.instance.observation
+        if observation is not None and observation.check():
+            try:
+                self.peer.call_soon(observation.drain)
+            except Exception:  # noqa: BLE001, S110 - the loop is gone: nobody observes
+                pass
 
     def _step_done(self, job: Job) -> None:  # on the loop
         instance = self.instance
@@ -839,10 +880,29 @@ class StreamCall(RuntimeCall, Entry):
         finally:
             current.reset(token)
 
+    async def _observe_on_runner(self) -> None:
+        """After an item of a step on the runner: check the observed attributes
+        in the instance's thread (this step holds its turn) and send what changed."""
+        observation = self.instance.observation
+        if observation is None:
+            return
+        try:
+            await self.instance.worker.submit(observation.check).wait()
+        except ExecutorStateError:
+            return  # the thread is stopping: the instance is going away
+        observation.drain()
+
+    def _step_over(self) -> None:
+        """A step on the runner ended: observed attributes are read next, in the thread."""
+        instance = self.instance
+        if instance.observation is not None:
+            instance.check_next()
+        instance.finish(self)
+
     async def _runner_step(self) -> None:
         peer = self.peer
         try:
-            count = peer.credit(self.sid) if peer.alive else 0
+            count = self._room() if peer.alive else 0
             with anyio.CancelScope() as scope:
                 self.scope = scope
                 if self.stop:
@@ -872,6 +932,8 @@ class StreamCall(RuntimeCall, Entry):
                     with lock:
                         self.buffer.append(item)
                     peer.schedule_flush(self)
+                    if self.instance.observation is not None:
+                        await self._observe_on_runner()
             self.scope = None
             if scope.cancelled_caught:
                 self.stop = True
@@ -880,7 +942,7 @@ class StreamCall(RuntimeCall, Entry):
                 await self._aclose()
             if self.error is not None or self.exhausted or self.stop:
                 self._end()
-                self.instance.finish(self)
+                self._step_over()
                 return
         except BaseException:
             # The connection's tasks are being cancelled: close the generator anyway.
@@ -888,9 +950,9 @@ class StreamCall(RuntimeCall, Entry):
             with anyio.CancelScope(shield=True):
                 await self._aclose()
             self._end()
-            self.instance.finish(self)
+            self._step_over()
             raise
-        self.instance.finish(self)
+        self._step_over()
         self._continue()
 
     async def _aclose(self) -> None:

@@ -19,6 +19,7 @@ from remote_exec.exceptions import ExecutorStateError, UnknownInstanceError
 
 from .events import EventHub
 from .invocations import InvocationTable
+from .lifecycle import Hooks
 from .worker import InstanceWorker, Job
 
 __all__ = ["Entry", "Instance", "InternalJob", "Turn", "exclusive"]
@@ -32,6 +33,13 @@ class _OpenStream(Protocol):
 
 class _Runner(Protocol):
     def stop(self) -> None: ...
+
+
+class _Observation(Protocol):  # ``runtime.observe.Observation``
+    def check(self) -> bool: ...
+    def drain(self) -> None: ...
+    def next_check(self) -> Entry: ...
+    def end(self) -> None: ...
 
 
 class Entry:
@@ -66,13 +74,17 @@ class Instance:
         "close_grace",
         "deleted",
         "events",
+        "hooks",
+        "idle",
         "invocations",
         "key",
         "name",
         "obj",
+        "observation",
         "owner",
         "queue",
         "runners",
+        "scope",
         "streams",
         "worker",
     )
@@ -107,6 +119,17 @@ class Instance:
         self.deleted = False
         self.streams: set[_OpenStream] = set()  # streams whose generator may be alive
         self.runners: set[_Runner] = set()
+        # Its observed attributes (``runtime.observe``); None: nobody observes it.
+        self.observation: _Observation | None = None
+        self.hooks: Hooks | None = None  # its lifecycle hooks, if it is a context manager
+        self.scope = "server"  # or "connection" (see ``InstanceRuntime.create``)
+        self.idle: anyio.Event | None = None  # set when no entry runs any more (``wait_idle``)
+
+    async def wait_idle(self) -> None:
+        """Until no entry of its FIFO runs (once deleted: none starts any more)."""
+        while self.active:
+            idle = self.idle = anyio.Event()
+            await idle.wait()
 
     @property
     def class_name(self) -> str:
@@ -158,6 +181,8 @@ class Instance:
 
     def finish(self, entry: Entry) -> None:
         """A started entry is done: start what may start next."""
+        if self.observation is not None:
+            self.observation.drain()  # what its check found goes to the observers
         queue = self.queue
         if self.active and queue[0] is entry:
             queue.popleft()
@@ -172,6 +197,21 @@ class Instance:
         self.active -= 1
         if not self.deleted:
             self._advance()
+        if not self.active and self.idle is not None:
+            self.idle.set()
+            self.idle = None
+
+    def check_next(self) -> None:
+        """A call that ran on the loop (not in the thread) ends: if observed,
+        check its attributes in the thread next, before any other entry."""
+        observation = self.observation
+        if observation is not None and not self.deleted:
+            self.queue.insert(self.active, observation.next_check())
+
+    def end_observation(self) -> None:
+        """The instance is going away: its observers' streams end."""
+        if self.observation is not None:
+            self.observation.end()
 
     def _advance(self) -> None:
         queue = self.queue

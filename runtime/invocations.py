@@ -7,9 +7,11 @@ count, then forgotten, so memory stays flat however many calls run.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import OrderedDict
 from collections.abc import AsyncGenerator, Callable
+from itertools import islice
 from typing import Any, Protocol
 
 import anyio
@@ -51,6 +53,10 @@ class InvocationTable:
         self.max_finished = max_finished
         self._live: dict[str, _Cancellable] = {}
         self._finished: OrderedDict[str, InvocationScope] = OrderedDict()
+        self._expiry = -math.inf  # when the oldest finished one expires (prune then)
+        # Called (on the loop) with an invocation's record when it is added
+        # and when it finishes: the daemon's history and status pages.
+        self.observers: list[Callable[[InvocationScope], object]] = []
 
     def __len__(self) -> int:
         return len(self._live) + len(self._finished)
@@ -62,23 +68,53 @@ class InvocationTable:
         if invocation_id in live or invocation_id in self._finished:
             return False
         live[invocation_id] = call
+        if self.observers:
+            self._observe(call.invocation)
         return True
 
     def finished(self, call: _Cancellable) -> None:
         """``call`` is over: keep its record for the retention."""
         scope = call.invocation
-        if self._live.get(scope.id) is not call:
+        key = scope.id
+        live = self._live
+        if live.get(key) is not call:
             return  # not an invocation of its own (a property read, a server operation)
-        del self._live[scope.id]
-        self._finished[scope.id] = scope
+        del live[key]
+        finished = self._finished
+        finished[key] = scope
+        # Its end is now: no clock read, no look at the oldest, until one may expire.
+        if len(finished) > self.max_finished or (scope.ended_at or 0.0) >= self._expiry:
+            self._prune()
+        if self.observers:
+            self._observe(scope)
+
+    def _observe(self, scope: InvocationScope) -> None:
+        for observer in list(self.observers):
+            observer(scope)
+
+    def live(self) -> list[InvocationScope]:
+        """The records of the pending and running invocations, oldest first."""
+        return [call.invocation for call in self._live.values()]
+
+    def recent(self, count: int) -> list[InvocationScope]:
+        """The records of the ``count`` invocations that finished last, newest first."""
         self._prune()
+        finished = self._finished
+        return [finished[key] for key in islice(reversed(finished), count)]
+
+    def find(self, invocation_id: str) -> InvocationScope | None:
+        """The record of ``invocation_id`` if it is kept here, else None."""
+        call = self._live.get(invocation_id)
+        return call.invocation if call is not None else self._finished.get(invocation_id)
 
     def _prune(self) -> None:
         finished = self._finished
         horizon = time.time() - self.retention
+        self._expiry = math.inf
         while finished:
             oldest = next(iter(finished.values()))
             if len(finished) <= self.max_finished and (oldest.ended_at or 0.0) >= horizon:
+                self._expiry = (oldest.ended_at or 0.0) + self.retention  # when it expires
                 break
             finished.popitem(last=False)
 

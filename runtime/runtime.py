@@ -45,13 +45,14 @@ from remote_exec.exceptions import (
     ExecutorStateError,
     UnknownInstanceError,
 )
-from remote_exec.executor import RemoteMethod, check_sleep, config_of
+from remote_exec.executor import RemoteMethod, check_scope, check_sleep, config_of
 from remote_exec.registry import InstanceRegistry
 
 from .calls import AsyncCall, InlineCall, Peer, RuntimeCall, StreamCall, SyncCall
 from .events import EventHub
 from .instances import Instance, InternalJob, exclusive
 from .invocations import InvocationTable
+from .lifecycle import Hooks, Lifecycle, describe_error, lifecycle_of
 from .logcapture import capturing_logs, release_logs
 from .worker import InstanceWorker
 
@@ -122,13 +123,21 @@ class InstanceRuntime:
         exist_ok: bool = False,
         owner: set[str] | None = None,
         check: Callable[[], None] | None = None,
+        scope: str = "server",
     ) -> bool:
-        """Start a thread for a new instance ``name`` and build it there.
+        """Start a thread for a new instance ``name``, build it there and enter it.
 
         ``construct()`` runs in the new thread and returns the object; ``key``
         is its (module, qualname). ``check()`` runs once no creation of the
         same name is under way, just before this one starts (caps). ``owner``
         is a set of names that gets ``name`` (the creating connection's).
+        ``scope``: "server" (lives until deleted) or "connection" (deleted by
+        ``end_scope(owner)`` too).
+
+        An object whose class is a context manager is entered right after it
+        is built, where it lives (see ``runtime.lifecycle``); if that raises,
+        nothing is registered and the error is raised here (its ``__exit__``
+        does not run).
 
         Returns:
             False if ``exist_ok`` and an instance of the same class already
@@ -136,7 +145,9 @@ class InstanceRuntime:
 
         Raises:
             DuplicateInstanceError: ``name`` is taken.
+            ValueError: ``scope`` is not one of ``remote_exec.executor.SCOPES``.
         """
+        check_scope(scope)
         while (pending := self._creating.get(name)) is not None:
             await pending.wait()
         existing = self.instances.get(name)
@@ -150,14 +161,23 @@ class InstanceRuntime:
         try:
             worker = InstanceWorker(name, coroutines=self.threads_have_loops)
             await worker.start()
+            hooks: Hooks | None = None
             try:
                 obj, config = await worker.submit(_build, construct).wait()
                 self.registry.add_instance(obj, name)
+                kind = lifecycle_of(obj)
+                if kind is not None:
+                    hooks = Hooks(obj, kind)
+                    try:
+                        config = await self._enter(worker, hooks)
+                    except BaseException:
+                        self.registry.remove_instance(name)
+                        raise
             except BaseException:
-                with anyio.move_on_after(self.close_grace, shield=True):
-                    await worker.stop()
+                with anyio.CancelScope(shield=True):
+                    await self._abandon(name, worker, hooks)
                 raise
-            self.instances[name] = Instance(
+            instance = self.instances[name] = Instance(
                 name,
                 obj,
                 key,
@@ -167,6 +187,8 @@ class InstanceRuntime:
                 invocations=self.invocations,
                 close_grace=self.close_grace,
             )
+            instance.hooks = hooks
+            instance.scope = scope
             if owner is not None:
                 owner.add(name)
             if not self._capturing:
@@ -175,15 +197,45 @@ class InstanceRuntime:
         finally:
             del self._creating[name]
             done.set()
-        logger.info("instance %r created (%s.%s)", name, *key)
+        logger.info("instance %r created (%s.%s, %s scope)", name, *key, scope)
         self.events.publish(name, "create", {"class": ".".join(key), "config": config})
         return True
+
+    async def _enter(self, worker: InstanceWorker, hooks: Hooks) -> dict[str, Any]:
+        """Enter a new object where it lives; its config as it is then."""
+        if hooks.kind is Lifecycle.SYNC:
+            config: dict[str, Any] = await worker.submit(_enter_sync, hooks).wait()
+        elif worker.runs_coroutines:  # its async methods run in its thread's loop
+            config = await worker.submit(_enter_async, hooks).wait()
+        else:  # its async methods run on this loop
+            await hooks.aenter()
+            config = await worker.submit(config_of, hooks.obj).wait()
+        return config
+
+    async def _abandon(self, name: str, worker: InstanceWorker, hooks: Hooks | None) -> None:
+        """A creation failed (or was given up on): exit what was entered, stop the thread."""
+        if hooks is not None and hooks.kind is Lifecycle.ASYNC and not worker.runs_coroutines:
+            if hooks.entered:  # entered on this loop, then something else failed
+                with anyio.move_on_after(self.close_grace):
+                    try:
+                        await hooks.aexit()
+                    except Exception:
+                        logger.exception("the exit hook of %r failed", name)
+            hooks = None
+        with anyio.move_on_after(self.close_grace):
+            try:
+                # In the thread, after a sync __enter__ that may still run there.
+                await worker.stop(finalize=None if hooks is None else hooks_closer(name, hooks))
+            except Exception:
+                logger.exception("the thread of %r failed to stop", name)
 
     async def delete(self, name: Any) -> None:
         """Delete an instance once the calls queued before now have run.
 
         It is gone at once for new calls; its open generators are closed in
-        their thread, calls queued after this fail, and its thread stops.
+        their thread, calls queued after this fail, it is exited (a context
+        manager: see ``create``) and its thread stops. An exit hook that
+        raises is logged and reported in the "delete" event (``error``).
 
         Raises:
             UnknownInstanceError: no such instance is held.
@@ -202,19 +254,81 @@ class InstanceRuntime:
                     except Exception:
                         logger.exception("could not read the config of %r", instance.name)
                 instance.deleted = True
-                await self._tear_down(
+                closing = await self._tear_down(
                     instance,
                     lambda: UnknownInstanceError(f"the instance {instance.name!r} was deleted"),
                 )
         logger.info("instance %r deleted", instance.name)
-        self.events.publish(
-            instance.name, "delete", {"class": instance.class_name, "config": config}
+        self._publish_delete(instance, config, closing.failure)
+
+    async def end_scope(self, owner: set[str], reason: str) -> None:
+        """Delete the connection-scoped instances created by ``owner`` (the
+        names a connection holds): the connection closed or was lost.
+
+        Each goes at once: calls queued to it fail with an
+        ``UnknownInstanceError`` that says why, a running one is asked to stop
+        (and given ``close_grace``), then it is exited and its "delete" event
+        published (``reason`` says why).
+        """
+        instances = [
+            instance
+            for instance in self.instances.values()
+            if instance.owner is owner and instance.scope == "connection"
+        ]
+        if not instances:
+            return
+        for instance in instances:
+            del self.instances[instance.name]
+            owner.discard(instance.name)
+            if self.registry.name_of(instance.obj) == instance.name:
+                self.registry.remove_instance(instance.name)
+        with anyio.CancelScope(shield=True):
+            async with anyio.create_task_group() as tg:
+                for instance in instances:
+                    tg.start_soon(self._end, instance, reason)
+
+    async def _end(self, instance: Instance, reason: str) -> None:
+        name = instance.name
+        self._stop_calls(instance)
+        closing = await self._tear_down(
+            instance,
+            lambda: UnknownInstanceError(f"the instance {name!r} was deleted: {reason}"),
+            settle=True,
+            read_config=True,
         )
+        logger.info("instance %r deleted: %s", name, reason)
+        self._publish_delete(instance, closing.config, closing.failure, reason)
+
+    def _publish_delete(
+        self,
+        instance: Instance,
+        config: dict[str, Any],
+        failure: BaseException | None,
+        reason: str | None = None,
+    ) -> None:
+        data: dict[str, Any] = {"class": instance.class_name, "config": config}
+        if reason is not None:
+            data["reason"] = reason
+        if failure is not None:
+            data["error"] = describe_error(failure)
+        self.events.publish(instance.name, "delete", data)
+
+    def _stop_calls(self, instance: Instance) -> None:
+        """No new calls; the running ones are asked to stop (a sync one at its
+        next ``check_cancelled()``, an async one cancelled where it runs)."""
+        instance.deleted = True
+        for entry in list(instance.queue)[: instance.active]:
+            if isinstance(entry, RuntimeCall):  # running: ask it to stop
+                entry.invocation.cancel()
+                if isinstance(entry, AsyncCall):  # on this loop (in a thread: stopping it does)
+                    entry.on_cancel()
 
     async def close(self, reason: str = "the server is shutting down") -> None:
         """Stop every instance (side shutting down): streams closed, threads joined.
 
-        Calls still queued and open streams fail with ``ExecutorStateError(reason)``.
+        Calls still queued and open streams fail with ``ExecutorStateError(reason)``;
+        running ones are asked to stop and get ``close_grace`` to do so; then
+        every instance is exited (see ``create``), each exactly once.
         """
         instances = list(self.instances.values())
         self.instances.clear()
@@ -224,16 +338,35 @@ class InstanceRuntime:
         with anyio.CancelScope(shield=True):
             async with anyio.create_task_group() as tg:
                 for instance in instances:
-                    instance.deleted = True
-                    for entry in list(instance.queue)[: instance.active]:
-                        if isinstance(entry, RuntimeCall):  # running: ask it to stop
-                            entry.invocation.cancel()
+                    self._stop_calls(instance)
                     if self.registry.name_of(instance.obj) == instance.name:
                         self.registry.remove_instance(instance.name)
-                    tg.start_soon(self._tear_down, instance, lambda: ExecutorStateError(reason))
+                    tg.start_soon(self._close_one, instance, reason)
 
-    async def _tear_down(self, instance: Instance, error: Callable[[], BaseException]) -> None:
-        """Close the instance's generators, fail what is queued, stop its thread."""
+    async def _close_one(self, instance: Instance, reason: str) -> None:
+        await self._tear_down(instance, lambda: ExecutorStateError(reason), settle=True)
+        logger.info("instance %r closed: %s", instance.name, reason)
+
+    async def _tear_down(
+        self,
+        instance: Instance,
+        error: Callable[[], BaseException],
+        *,
+        settle: bool = False,
+        read_config: bool = False,
+    ) -> _Closing:
+        """Close the instance's generators, fail what is queued, stop its thread, exit it.
+
+        The exit hook runs once nothing else runs on the instance: a sync one
+        (or an async one in a thread with a loop) last in its thread, after
+        the call still running there; an async one on this loop, once the
+        thread has stopped (``settle``: calls were asked to stop and may still
+        be finishing on this loop: wait for them first). ``read_config``:
+        read its config right before the exit hook.
+
+        Returns:
+            Its config (if read) and what its exit hook raised (logged here).
+        """
         for stream in list(instance.streams):
             try:
                 await stream.close_now(error())
@@ -244,11 +377,44 @@ class InstanceRuntime:
             entry.drop(error())
         for runner in list(instance.runners):
             runner.stop()
-        with anyio.move_on_after(self.close_grace):
+        instance.end_observation()  # observers' streams end (``runtime.observe``)
+        hooks = instance.hooks
+        closing = _Closing(instance, hooks, read_config)
+        on_loop = (
+            hooks is not None
+            and hooks.kind is Lifecycle.ASYNC
+            and not instance.worker.runs_coroutines
+        )
+        finalize: Callable[[], Any] | None = None
+        if not on_loop and (hooks is not None or read_config):
+            finalize = closing.run_async if instance.worker.runs_coroutines else closing.run
+        if on_loop and settle:
+            with anyio.move_on_after(self.close_grace):
+                await instance.wait_idle()
+        with anyio.move_on_after(self.close_grace) as stopping:
             try:
-                await instance.worker.stop()
+                # Queued jobs never start, a running async one is cancelled, a
+                # running sync one finishes; then ``finalize`` runs, in its thread.
+                await instance.worker.stop(finalize=finalize)
             except Exception:
                 logger.exception("the thread of %r failed to stop", instance.name)
+        if stopping.cancelled_caught and finalize is not None and not closing.done:
+            closing.failure = TimeoutError(
+                f"the instance's thread did not stop within {self.close_grace:g} s"
+            )
+        if on_loop:
+            with anyio.move_on_after(self.close_grace) as exiting:
+                await closing.run_async()
+            if exiting.cancelled_caught:
+                closing.failure = TimeoutError(f"it did not finish within {self.close_grace:g} s")
+        if closing.failure is not None and hooks is not None:
+            logger.error(
+                "the exit hook of instance %r failed: %s",
+                instance.name,
+                describe_error(closing.failure),
+                exc_info=closing.failure,
+            )
+        return closing
 
     # -- calls ------------------------------------------------------------------
     def call(
@@ -335,6 +501,81 @@ class InstanceRuntime:
 def _build(construct: Callable[[], Any]) -> tuple[Any, dict[str, Any]]:
     obj = construct()
     return obj, config_of(obj)
+
+
+class _Closing:
+    """The last thing done with an instance, where it lives: read its config
+    (``read_config``), then exit it; what the exit hook raised is kept."""
+
+    __slots__ = ("config", "done", "failure", "hooks", "obj", "read_config")
+
+    def __init__(self, instance: Instance, hooks: Hooks | None, read_config: bool) -> None:
+        self.obj = instance.obj
+        self.hooks = hooks
+        self.read_config = read_config
+        self.config: dict[str, Any] = {}
+        self.failure: BaseException | None = None
+        self.done = False
+
+    def _config(self) -> None:
+        if self.read_config:
+            try:
+                self.config = config_of(self.obj)
+            except Exception:
+                logger.exception("could not read the config of %r", self.obj)
+
+    def run(self) -> None:  # in the instance's thread, its last job
+        self._config()
+        try:
+            if self.hooks is not None:
+                self.hooks.exit()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised
+            self.failure = exc
+        self.done = True
+
+    async def run_async(self) -> None:  # where its async methods run
+        self._config()
+        try:
+            if self.hooks is not None:
+                if self.hooks.kind is Lifecycle.ASYNC:
+                    await self.hooks.aexit()
+                else:
+                    self.hooks.exit()
+        except Exception as exc:  # noqa: BLE001 - reported, never raised
+            self.failure = exc
+        self.done = True
+
+
+def _enter_sync(hooks: Hooks) -> dict[str, Any]:  # in the instance's thread
+    hooks.enter()
+    return config_of(hooks.obj)
+
+
+async def _enter_async(hooks: Hooks) -> dict[str, Any]:  # in the instance's thread's loop
+    await hooks.aenter()
+    return config_of(hooks.obj)
+
+
+def hooks_closer(name: str, hooks: Hooks) -> Callable[[], Any]:
+    """A worker's ``finalize`` that exits ``hooks``' object if it was entered
+    (a creation given up on while its enter hook ran); errors are logged."""
+    if hooks.kind is Lifecycle.SYNC:
+
+        def close() -> None:
+            try:
+                hooks.exit()
+            except Exception:
+                logger.exception("the exit hook of %r failed", name)
+
+        return close
+
+    async def aclose() -> None:
+        try:
+            await hooks.aexit()
+        except Exception:
+            logger.exception("the exit hook of %r failed", name)
+
+    return aclose
 
 
 async def sleep_until(duration: Any = None, deadline: Any = None) -> int:

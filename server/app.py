@@ -10,10 +10,16 @@
 * ``GET /health``: open, ``{"status": "ok"}`` and nothing else.
 * ``GET /instances``: behind the token, the instance names and the
   dispatcher's statistics.
-* ``GET /invocations`` (query ``instance``, ``method``, ``status``),
+* ``GET /invocations`` (query ``instance``, ``method``, ``status``, ``limit``),
   ``GET /invocations/{id}`` and ``DELETE /invocations/{id}`` (cancel): behind
   the token and the ``Origin`` check, JSON as ``InvocationInfo.to_wire``
-  (``docs/wire-format.md``).
+  (``docs/wire-format.md``); with ``--history``, older ones come from the
+  history file (``remote_exec.server.history``).
+* ``GET /``, ``/status.js``, ``/status.css``: the status page, open (it holds
+  no data); ``GET /status`` and ``GET /events`` (server-sent events), behind
+  the token and the ``Origin`` check: what the page shows
+  (``remote_exec.server.status``). The page's requests come from the
+  daemon's own origin, which these paths (and ``/invocations``) allow.
 * anything else: 404.
 
 Every request, websocket or HTTP, must name the daemon in its ``Host`` header
@@ -49,6 +55,7 @@ every default.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import ipaddress
 import json
@@ -73,6 +80,8 @@ from remote_exec.runtime.auth import bearer_token, check_token
 from remote_exec.runtime.backend import is_trio
 
 from .connection import DEFAULT_MAX_OUTGOING_BYTES
+from .history import cancel_invocation, get_invocation, list_invocations
+from .status import StatusPage
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -599,6 +608,16 @@ class RemoteExecApp:
         self._closing = False
         self._dispatcher_closed = False
         self._startup_hooks: list[Callable[[], Any]] = []
+        self.status_page = StatusPage(
+            dispatcher,
+            statistics=self.statistics,
+            limits={
+                **dataclasses.asdict(self.limits),
+                "max_connections": max_connections,
+                "max_pending_connections": max_pending_connections,
+                "max_outgoing_bytes": max_outgoing_bytes,
+            },
+        )
 
     # -- ASGI entry point ------------------------------------------------------------
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -606,7 +625,7 @@ class RemoteExecApp:
         if kind == "websocket":
             await self._websocket(scope, receive, send)
         elif kind == "http":
-            await self._http(scope, send)
+            await self._http(scope, send, receive)
         elif kind == "lifespan":
             await self._lifespan(receive, send)
 
@@ -657,12 +676,18 @@ class RemoteExecApp:
         name = _host_name(host.decode("latin-1"))
         return 403, f"host {name!r} is not allowed (see --allow-host)"
 
-    def _origin_refused(self, headers: dict[bytes, bytes]) -> tuple[int, str] | None:
+    def _origin_refused(
+        self, headers: dict[bytes, bytes], scope: Scope | None = None
+    ) -> tuple[int, str] | None:
+        """An ``Origin`` off the allow-list; with ``scope`` (an HTTP request of
+        the status page's), the daemon's own origin passes too."""
         origin = headers.get(b"origin")
         if origin is None:  # not a browser
             return None
         value = origin.decode("latin-1").rstrip("/").lower()
         if value in self._origins or "*" in self._origins:
+            return None
+        if scope is not None and value == _own_origin(scope, headers):
             return None
         return 403, f"origin {value!r} is not allowed (see --allowed-origin)"
 
@@ -720,7 +745,7 @@ class RemoteExecApp:
                 watching.cancel_scope.cancel()
 
     # -- HTTP ------------------------------------------------------------------------------
-    async def _http(self, scope: Scope, send: Send) -> None:
+    async def _http(self, scope: Scope, send: Send, receive: Receive | None = None) -> None:
         method = scope.get("method", "GET")
         path = scope.get("path", "/").rstrip("/") or "/"
         refused = self._host_refused(_headers(scope))
@@ -730,6 +755,12 @@ class RemoteExecApp:
             return
         if path == "/invocations" or path.startswith("/invocations/"):
             await self._invocations(scope, send, method, path)
+            return
+        if self.status_page.asset(path) is not None:
+            await self.status_page.serve_asset(send, method, path)
+            return
+        if path in ("/status", "/events"):
+            await self._status(scope, send, receive, method, path)
             return
         if path not in ("/health", "/instances"):
             await _json(send, 404, {"error": "not found"}, method)
@@ -756,16 +787,41 @@ class RemoteExecApp:
         }
         await _json(send, 200, body, method)
 
+    async def _status(
+        self, scope: Scope, send: Send, receive: Receive | None, method: str, path: str
+    ) -> None:
+        """The status page's data: the daemon's description, and its event stream."""
+        headers = _headers(scope)
+        refusal = self._origin_refused(headers, scope) or self._authorized(headers)
+        if refusal is not None:
+            await _json(
+                send, refusal[0], {"error": refusal[1]}, method, [(b"www-authenticate", b"Bearer")]
+            )
+            return
+        if method not in ("GET", "HEAD") or (path == "/events" and method != "GET"):
+            await _json(send, 405, {"error": "method not allowed"}, method, [(b"allow", b"GET")])
+            return
+        if path == "/status" or receive is None:
+            await _json(send, 200, self.status_page.describe(), method)
+            return
+        if self.gate is not None:  # an authenticated stream: never dropped to make room
+            self.gate.authenticated(scope.get("client"))
+        # The browser sends nothing while it reads the stream, and the idle
+        # timeout would cut it: it ends before, and the page opens the next.
+        lifetime = 0.75 * self.stall_timeout if self.stall_timeout else None
+        await self.status_page.stream(receive, send, lifetime=lifetime)
+
     async def _invocations(self, scope: Scope, send: Send, method: str, path: str) -> None:
         """The invocations the runtime knows: list, read one, cancel one."""
         headers = _headers(scope)
-        refusal = self._origin_refused(headers) or self._authorized(headers)
+        refusal = self._origin_refused(headers, scope) or self._authorized(headers)
         if refusal is not None:
             await _json(
                 send, refusal[0], {"error": refusal[1]}, method, [(b"www-authenticate", b"Bearer")]
             )
             return
         table = self.dispatcher.runtime.invocations
+        history = self.dispatcher.history
         invocation_id = (
             urllib.parse.unquote(path[len("/invocations/") :]) if "/" in path[1:] else None
         )
@@ -779,15 +835,17 @@ class RemoteExecApp:
                 filters = {
                     key: query[key][-1] for key in ("instance", "method", "status") if key in query
                 }
-                body: Any = [info.to_wire() for info in table.list(**filters)]
+                limit = int(query["limit"][-1]) if "limit" in query else None
+                found = await list_invocations(table, history, limit=limit, **filters)
+                body: Any = [info.to_wire() for info in found]
             elif method == "DELETE":
-                body = table.cancel(invocation_id).to_wire()
+                body = (await cancel_invocation(table, history, invocation_id)).to_wire()
             else:
-                body = table.get(invocation_id).to_wire()
+                body = (await get_invocation(table, history, invocation_id)).to_wire()
         except LookupError as exc:
             await _json(send, 404, {"error": str(exc)}, method)
             return
-        except ValueError as exc:  # an unknown status
+        except ValueError as exc:  # an unknown status, a bad limit
             await _json(send, 400, {"error": str(exc)}, method)
             return
         await _json(send, 200, body, method)
@@ -806,6 +864,7 @@ class RemoteExecApp:
         seconds, then cancel the rest (their callers get an error) and close
         every connection with code 1001. Idempotent."""
         self._closing = True
+        self.status_page.close()
         for connection in self._connections:
             # A client that does not read gets the grace too, then is dropped.
             connection.transport.go_away(grace)
@@ -946,6 +1005,19 @@ def _headers(scope: Scope) -> dict[bytes, bytes]:
     for name, value in scope.get("headers", ()):
         headers.setdefault(bytes(name).lower(), bytes(value))
     return headers
+
+
+def _own_origin(scope: Scope, headers: dict[bytes, bytes]) -> str | None:
+    """The origin of a page the daemon served on this request's ``Host``
+    (already checked against the allow-list): ``http://127.0.0.1:8765``."""
+    host = headers.get(b"host")
+    if host is None:
+        return None
+    scheme = "https" if scope.get("scheme") in ("https", "wss") else "http"
+    name = host.decode("latin-1").strip().lower()
+    default = ":443" if scheme == "https" else ":80"
+    # An origin leaves the default port out.
+    return f"{scheme}://{name.removesuffix(default)}"
 
 
 def _peer(scope: Scope) -> str:

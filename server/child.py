@@ -26,7 +26,9 @@ The child never outlives its parent:
   worker thread that exits when idle, which would kill a healthy child).
 
 Ctrl+C in a terminal reaches the whole process group: the child ignores it
-and lets the parent decide.
+and lets the parent decide. SIGTERM shuts it down gracefully, like the
+daemon: calls in flight get a grace, then every instance is exited (its
+``__exit__``/``__aexit__`` runs), then the process exits 0.
 """
 
 from __future__ import annotations
@@ -57,6 +59,8 @@ logger = logging.getLogger("remote_exec.server")
 
 # How long cleanup may take once the parent is gone before the child just exits.
 _EXIT_GRACE = 2.0
+# On SIGTERM, how long calls in flight may take before they are cancelled.
+_TERM_GRACE = 5.0
 _PR_SET_PDEATHSIG = 1
 _IMPORT_HINT = (
     "run the parent from the directory that holds it, put that directory on the "
@@ -143,12 +147,33 @@ async def _serve(
     stream = await socket_stream(socket.socket(fileno=fd))
     link = _ParentLink(stream, max_size=limits.max_message_size, max_buffers=limits.max_buffers)
     try:
-        async with dispatcher.hosting():
+        async with dispatcher.hosting(), anyio.create_task_group() as tg:
+            tg.start_soon(_on_sigterm, dispatcher, tg.cancel_scope)
             await dispatcher.serve(link, peer=f"parent process {os.getppid()}")
+            tg.cancel_scope.cancel()
     finally:
         _start_watchdog()
         with anyio.CancelScope(shield=True):
             await dispatcher.aclose()
+
+
+async def _on_sigterm(dispatcher: Dispatcher, serving: anyio.CancelScope) -> None:
+    """SIGTERM: in-flight calls get ``_TERM_GRACE``, then every instance is
+    exited (``Dispatcher.aclose``) and the process exits 0."""
+    try:
+        with anyio.open_signal_receiver(signal.SIGTERM) as signals:
+            async for _ in signals:
+                break
+    except NotImplementedError:  # no signal receiver here (Windows)
+        await anyio.sleep_forever()
+    logger.info("SIGTERM: shutting down")
+    with anyio.CancelScope(shield=True):
+        with anyio.move_on_after(_TERM_GRACE):
+            # The dispatcher has no "idle" event to wait on: look now and then.
+            while dispatcher.statistics()["calls_in_flight"]:  # noqa: ASYNC110
+                await anyio.sleep(0.05)
+        await dispatcher.aclose()
+    serving.cancel()
 
 
 def _limits(text: str) -> Limits:

@@ -8,11 +8,19 @@
         [--allowed-origin O ...] [--allow-host NAME ...] [--grace S] [--ping-interval S]
         [--log-level L]
         [--max-message-size SIZE] [--max-buffers N] [--max-depth N] [--max-elements N]
-        [--max-calls N] [--max-queued-items N] [--max-queued-events N] [--max-instances N]
+        [--max-calls N] [--max-queued-items N] [--max-stream-bytes SIZE] [--max-queued-events N]
+        [--max-instances N]
         [--max-server-instances N] [--max-connections N] [--max-pending-connections N]
         [--max-outgoing-bytes SIZE]
         [--handshake-timeout S] [--idle-timeout S] [--create-timeout S]
+        [--history PATH [--history-max-age S] [--history-max-rows N] [--history-max-size SIZE]]
     remote-exec --version
+
+The daemon serves a status page at ``http://HOST:PORT/`` (``https://`` with
+TLS): open it in a browser and paste the token (``remote_exec.server.status``).
+With ``--history PATH`` finished invocations are kept in a SQLite file that
+survives restarts (``remote_exec.server.history``); a path that cannot be used
+is reported at start-up (exit code 2).
 
 ``python -m remote_exec.server [options]`` is the same as ``remote-exec serve [options]``.
 
@@ -75,7 +83,7 @@ from anyio.abc import TaskGroup
 from remote_exec.client.websocket import WebSocketExecutor
 from remote_exec.exceptions import TokenFileError
 from remote_exec.invocations import InvocationStatus
-from remote_exec.protocol import Limits
+from remote_exec.protocol import MIN_STREAM_BYTES, Limits
 from remote_exec.runtime.auth import (
     TOKEN_ENV,
     is_loopback_host,
@@ -99,6 +107,13 @@ from .app import (
 )
 from .connection import DEFAULT_MAX_OUTGOING_BYTES
 from .dispatch import DEFAULT_CREATE_TIMEOUT, Dispatcher
+from .history import (
+    DEFAULT_HISTORY_MAX_AGE,
+    DEFAULT_HISTORY_MAX_ROWS,
+    DEFAULT_HISTORY_MAX_SIZE,
+    HistoryError,
+    InvocationHistory,
+)
 
 __all__ = ["build_parser", "format_size", "limits_from_args", "main", "parse_size", "version"]
 
@@ -146,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--status", choices=[status.value for status in InvocationStatus], help="only these"
     )
     listing.add_argument("--json", action="store_true", help="one JSON object per line")
+    listing.add_argument(
+        "--limit", type=_int_at_least(1), metavar="N", help="only the newest N (default: all)"
+    )
     cancel = commands.add_parser(
         "cancel",
         help="ask a daemon's invocation to stop, by id",
@@ -183,6 +201,8 @@ async def _invocations_command(args: argparse.Namespace) -> int:
             infos = await executor.list_invocations(
                 instance=args.instance, method=args.method, status=args.status
             )
+            if args.limit:
+                infos = infos[-args.limit :]
     for info in infos:
         if getattr(args, "json", False):
             print(json.dumps(info.to_wire()))
@@ -344,6 +364,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "a client may ask for (default %(default)s)",
     )
     caps.add_argument(
+        "--max-stream-bytes",
+        type=_size_at_least(MIN_STREAM_BYTES),
+        default=defaults.max_stream_bytes,
+        metavar="SIZE",
+        help="bytes of stream items produced ahead of a consumer, per stream (the frames "
+        "sent and not yet granted again); an item larger still goes, alone "
+        f"(default {format_size(defaults.max_stream_bytes)})",
+    )
+    caps.add_argument(
         "--max-queued-events",
         type=_int_at_least(1),
         default=defaults.max_queued_events,
@@ -457,6 +486,44 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="what the log on stderr shows (default %(default)s)",
     )
 
+    kept = parser.add_argument_group(
+        "history",
+        "Finished invocations kept in a SQLite file, read after memory no longer has them "
+        "(by /invocations, `remote-exec invocations` and the status page).",
+    )
+    kept.add_argument(
+        "--history",
+        type=Path,
+        metavar="PATH",
+        help="keep every finished invocation (id, instance, method, status, times, error, "
+        "log) in this SQLite file, created if missing; written every half second off the "
+        "event loop, so a killed daemon loses at most its last second (default: none, "
+        "memory only)",
+    )
+    kept.add_argument(
+        "--history-max-age",
+        type=_seconds(allow_zero=False),
+        default=DEFAULT_HISTORY_MAX_AGE,
+        metavar="SECONDS",
+        help="how long an invocation stays in the history file (default %(default)g: a week)",
+    )
+    kept.add_argument(
+        "--history-max-rows",
+        type=_int_at_least(1),
+        default=DEFAULT_HISTORY_MAX_ROWS,
+        metavar="N",
+        help="invocations the history file keeps at most, the oldest go first "
+        "(default %(default)s)",
+    )
+    kept.add_argument(
+        "--history-max-size",
+        type=_size_at_least(64 * 1024),
+        default=DEFAULT_HISTORY_MAX_SIZE,
+        metavar="SIZE",
+        help="bytes of invocations (logs included) the history file keeps at most, the "
+        f"oldest go first (default {format_size(DEFAULT_HISTORY_MAX_SIZE)})",
+    )
+
 
 def limits_from_args(args: argparse.Namespace) -> Limits:
     """The ``Limits`` that parsed ``serve`` arguments ask for."""
@@ -467,6 +534,7 @@ def limits_from_args(args: argparse.Namespace) -> Limits:
         max_elements=args.max_elements,
         max_calls=args.max_calls,
         max_credit=args.max_credit,
+        max_stream_bytes=args.max_stream_bytes,
         max_instances=args.max_instances,
         max_server_instances=args.max_server_instances,
         max_queued_events=args.max_queued_events,
@@ -814,6 +882,43 @@ def run_serve(args: argparse.Namespace) -> int:
         max_outgoing_bytes=args.max_outgoing_bytes,
         limits=limits,
     )
+    history = _open_history(args)
+    try:
+        return _run_daemon(app, args, tls, token_path, import_paths, history)
+    finally:
+        if history is not None:
+            history.close()
+
+
+def _open_history(args: argparse.Namespace) -> InvocationHistory | None:
+    """The history file of ``--history``, checked now: a path that cannot be
+    used is a start-up error, never a failure later."""
+    if args.history is None:
+        return None
+    try:
+        history = InvocationHistory(
+            args.history,
+            max_age=args.history_max_age,
+            max_rows=args.history_max_rows,
+            max_size=args.history_max_size,
+        )
+    except HistoryError as exc:
+        raise _UsageError(str(exc)) from exc
+    return history
+
+
+def _run_daemon(
+    app: RemoteExecApp,
+    args: argparse.Namespace,
+    tls: bool,
+    token_path: Path | None,
+    import_paths: Sequence[str],
+    history: InvocationHistory | None,
+) -> int:
+    if history is not None:
+        app.dispatcher.history = history
+        history.attach(app.dispatcher.runtime.invocations)
+        history.start()
     try:
         sock = _bind(args.host, args.port)
     except OSError as exc:
@@ -826,6 +931,14 @@ def run_serve(args: argparse.Namespace) -> int:
     if token_path is not None:
         line += f" (token file: {token_path})"
     summary = _summary(args, import_paths, app.hosts)
+    page = _url(sock, tls).replace("ws", "http", 1) + "/"
+    app.status_page.info.update(url=_url(sock, tls), page=page, backend=args.backend)
+    summary += f"; status page: {page}"
+    if history is not None:
+        summary += (
+            f"; history: {history.path} ({history.rows} invocations kept, at most "
+            f"{history.max_age:g} s old, {history.max_rows}, {format_size(history.max_size)})"
+        )
 
     def announce() -> None:
         print(line, flush=True)  # the one line a parent process waits for

@@ -135,7 +135,9 @@ class Connection:
         self._wakeup.set()
 
     def credit(self, sid: int) -> int:
-        return self.rpc.credit(sid)
+        """Items to produce now on stream ``sid``: within its credit and its
+        bytes in flight (``RpcConnection.allowance``)."""
+        return self.rpc.allowance(sid)
 
     def _usable(self, sid: int) -> bool:
         return self.alive and not self.rpc.closed and self.rpc.is_open(sid)
@@ -502,7 +504,7 @@ class OpCall(RuntimeCall):
         self.credit_event.set()
 
     async def wait_credit(self) -> None:
-        while self.conn.rpc.credit(self.sid) <= 0:
+        while self.conn.credit(self.sid) <= 0:
             self.credit_event = anyio.Event()
             await self.credit_event.wait()
 

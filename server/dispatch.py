@@ -25,7 +25,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from types import ModuleType
 from typing import Any, ClassVar, Self
@@ -35,7 +35,9 @@ import anyio.lowlevel
 
 from remote_exec.exceptions import (
     CallCancelledError,
+    CodecError,
     ExecutorStateError,
+    FrameError,
     NotAllowedError,
     SubscriberOverflowError,
     UnknownInstanceError,
@@ -45,8 +47,11 @@ from remote_exec.exceptions import (
 )
 from remote_exec.executor import (
     ClientMainImport,
+    PropertyChange,
     RemoteMethod,
     check_channel,
+    check_observed_names,
+    check_scope,
     config_of,
     importing_client_main,
     remote_method,
@@ -66,10 +71,12 @@ from remote_exec.runtime.invocations import (
     detached_outcome,
     follow_log,
 )
+from remote_exec.runtime.observe import Observer
 from remote_exec.runtime.runtime import InstanceRuntime, sleep_until
 from remote_exec.runtime.transport import FrameTransport
 
 from .connection import Connection, OpCall
+from .history import InvocationHistory, get_invocation, list_invocations
 
 __all__ = ["DEFAULT_CREATE_TIMEOUT", "Dispatcher", "describe_sys_path", "module_allowed"]
 
@@ -175,6 +182,7 @@ class Dispatcher:
         "import_module": ("_op_import_module", True, False),
         "register_class": ("_op_register_class", True, False),
         "subscribe": ("_op_subscribe", True, True),
+        "observe": ("_op_observe", True, True),
     }
 
     def __init__(
@@ -223,6 +231,9 @@ class Dispatcher:
         # same import, which may outlive them (see ``_Loading``).
         self._loading: dict[tuple[str, str], _Loading] = {}
         self._closed = False
+        # Finished invocations kept in a file (``remote-exec serve --history``):
+        # read when memory no longer has them.
+        self.history: InvocationHistory | None = None
 
     # -- public -----------------------------------------------------------------
     @asynccontextmanager
@@ -274,6 +285,13 @@ class Dispatcher:
             self._connections.discard(conn)
             with anyio.move_on_after(self.close_grace, shield=True):
                 await transport.aclose()
+            # Its connection-scoped instances go with it (exited, events published).
+            try:
+                await self.runtime.end_scope(
+                    conn.held, f"its connection closed ({peer or 'unnamed peer'}: {conn.reason})"
+                )
+            except Exception:
+                logger.exception("could not end the scope of %r", conn)
             conn.finished.set()
             logger.info("connection closed: %s: %s", peer or "(unnamed peer)", conn.reason)
 
@@ -573,20 +591,65 @@ class Dispatcher:
         instance: Any = None,
         method: Any = None,
         status: Any = None,
-    ) -> list[dict[str, Any]]:
+    ) -> object:
         for value in (instance, method, status):
             if value is not None and not isinstance(value, str):
                 raise TypeError("invocation filters are strings or nil")
-        found = self.runtime.invocations.list(instance=instance, method=method, status=status)
-        return [info.to_wire() for info in found]
+        table, history = self.runtime.invocations, self.history
+        if history is None:
+            found = table.list(instance=instance, method=method, status=status)
+            return [info.to_wire() for info in found]
 
-    def _op_get_invocation(self, conn: Connection, sid: int, invocation_id: Any) -> dict[str, Any]:
-        return self.runtime.invocations.get(invocation_id).to_wire()
+        async def read() -> list[dict[str, Any]]:
+            found = await list_invocations(
+                table, history, instance=instance, method=method, status=status
+            )
+            return [info.to_wire() for info in found]
 
-    def _op_cancel_invocation(
-        self, conn: Connection, sid: int, invocation_id: Any
-    ) -> dict[str, Any]:
-        return self.runtime.invocations.cancel(invocation_id).to_wire()
+        return self._reply_later(conn, sid, read)
+
+    def _op_get_invocation(self, conn: Connection, sid: int, invocation_id: Any) -> object:
+        try:
+            return self.runtime.invocations.get(invocation_id).to_wire()
+        except LookupError:
+            if self.history is None:
+                raise
+            return self._from_history(conn, sid, invocation_id)
+
+    def _op_cancel_invocation(self, conn: Connection, sid: int, invocation_id: Any) -> object:
+        try:
+            return self.runtime.invocations.cancel(invocation_id).to_wire()
+        except LookupError:
+            if self.history is None:
+                raise
+            # Only the history file has it: it finished, nothing to cancel.
+            return self._from_history(conn, sid, invocation_id)
+
+    def _from_history(self, conn: Connection, sid: int, invocation_id: Any) -> object:
+        table, history = self.runtime.invocations, self.history
+
+        async def read() -> dict[str, Any]:
+            return (await get_invocation(table, history, invocation_id)).to_wire()
+
+        return self._reply_later(conn, sid, read)
+
+    def _reply_later(
+        self, conn: Connection, sid: int, work: Callable[[], Awaitable[Any]]
+    ) -> object:
+        """Answer ``sid`` with what ``work()`` returns, from a task of the
+        connection's (reading the history file takes a worker thread)."""
+
+        async def run() -> None:
+            try:
+                value = await work()
+            except Exception as exc:  # noqa: BLE001 - the caller gets it
+                conn.fail(sid, exc)
+                return
+            conn.reply(sid, value)
+
+        assert conn.tg is not None
+        conn.tg.start_soon(run)
+        return _NO_REPLY
 
     async def _op_invocation_result(
         self, conn: Connection, call: OpCall, invocation_id: Any
@@ -656,9 +719,11 @@ class Dispatcher:
         config: Any,
         exist_ok: Any = False,
         main_path: Any = None,
+        scope: Any = "server",
     ) -> bool:
         if not isinstance(name, str) or not name:
             raise ValueError("an instance name must be a non-empty string")
+        check_scope(scope)
         if (
             not isinstance(args, list)
             or not isinstance(kwargs, dict)
@@ -677,7 +742,7 @@ class Dispatcher:
             cls = await self._resolve_class(module, qualname, main_path)
             stage = "its constructor (or __enter__)"
             return await self._create_instance(
-                conn, cls, module, qualname, name, args, kwargs, config, exist_ok
+                conn, cls, module, qualname, name, args, kwargs, config, exist_ok, scope
             )
 
     async def _create_instance(
@@ -691,6 +756,7 @@ class Dispatcher:
         kwargs: dict[str, Any],
         config: dict[str, Any],
         exist_ok: Any,
+        scope: str = "server",
     ) -> bool:
         allowed = set(getattr(cls, "_config_props_", ()))
         for prop in config:
@@ -712,6 +778,7 @@ class Dispatcher:
                 exist_ok=bool(exist_ok),
                 owner=conn.held,
                 check=check,
+                scope=scope,
             )
         finally:
             if counted:
@@ -768,6 +835,24 @@ class Dispatcher:
             return _NO_REPLY
         finally:
             await subscription.aclose()
+        conn.end_stream(call.sid)
+        return _NO_REPLY
+
+    async def _op_observe(self, conn: Connection, call: OpCall, name: Any, names: Any) -> object:
+        """Changes of the attributes ``names`` of instance ``name`` (initial
+        values first), as ``[seq, name, value, resync, error]`` rows within
+        credit, until cancelled or the instance is deleted."""
+        instance = self.runtime.get(name)
+        async with Observer(instance, check_observed_names(names), self.events.max_queue) as seen:
+            async for change in seen:
+                await call.wait_credit()
+                for item in [change, *seen.take(conn.credit(call.sid) - 1)]:
+                    try:
+                        conn.send_items(call.sid, [item.to_wire()])
+                    except (CodecError, FrameError) as exc:  # this value cannot travel
+                        error = f"{exception_type_name(exc)}: {exc}"
+                        row = PropertyChange(item.seq, item.name, None, item.resync, error)
+                        conn.send_items(call.sid, [row.to_wire()])
         conn.end_stream(call.sid)
         return _NO_REPLY
 

@@ -33,3 +33,24 @@ def test_the_acquisition_example(kind: str) -> None:
     live = [line for line in out.splitlines() if line.startswith("live: ")]
     assert live[:3] == [f"live: INFO spectrum {i} taken" for i in range(3)]
     assert "submitted acquisition cancelled" in out
+
+
+def test_the_reconnect_example() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "examples.reconnect"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "at 1.0",
+        "the call in flight failed at once: ConnectionLostError",
+        "at 2.0",
+        "connected: True, reconnects: 1",
+        "move 1.0 at speed 2.5",
+        "home started",
+        "move 2.0 at speed 2.5",
+    ]

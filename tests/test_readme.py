@@ -56,7 +56,12 @@ def test_readme_blocking_example_runs_as_a_script(capsys: pytest.CaptureFixture[
 # -- every example, run as a script --------------------------------------------------------
 
 # Run, with a real daemon, by tests/server/test_main_trap.py and the test above.
-DAEMON_EXAMPLES = ("from camera import Camera", "DaemonProcess")
+DAEMON_EXAMPLES = (
+    "from camera import Camera",
+    "DaemonProcess",
+    # run by tests/server/test_lifecycles.py, then killed with SIGKILL
+    'create_remote_instance(shutter, "shutter", scope="connection")',
+)
 
 # What each script prints (a regular expression for all of its output), keyed by
 # a line that appears in that block only.
@@ -76,6 +81,11 @@ EXPECTED_OUTPUT = {
         r"(INFO spectrum [34] taken\n)?cancelled\n"
     ),
     "get_echo_clock()": r"True\n",
+    "class SerialPort:": r"opened /dev/ttyUSB0 at 115200 baud\n\*IDN\? -> ok\nclosed /dev/ttyUSB0\n",
+    "executor.observe(stage": (
+        r"#1 position = 0\.0\n#2 homed = False\n#3 homed = True\n"
+        r"#4 position = 1\.0\n#5 position = 2\.0\n#6 position = 0\.5\n"
+    ),
 }
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import anyio
@@ -19,3 +20,11 @@ async def listed(executor: Executor, instance: Any, method: str, status: str) ->
             if found:
                 return found[0]
             await anyio.sleep(0.01)
+
+
+async def until(condition: Callable[[], bool]) -> None:
+    """Until ``condition()`` holds (within 15 s): it is about another process
+    (a file its hooks write), so there is no event to wait on: look often."""
+    with anyio.fail_after(15):
+        while not condition():  # noqa: ASYNC110 - the condition is remote
+            await anyio.sleep(0.02)

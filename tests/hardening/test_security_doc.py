@@ -105,7 +105,7 @@ def test_every_limit_is_documented_and_listed_by_help() -> None:
         option
         for action in parser._actions
         for option in action.option_strings
-        if option.startswith("--max-")
+        if option.startswith(("--max-", "--history-max-"))
         or option.endswith(("-timeout", "-interval"))
         or option in ("--grace", "--invocation-retention")
     }
