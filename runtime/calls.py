@@ -25,6 +25,7 @@ from typing import Any, Protocol
 
 import anyio
 import anyio.lowlevel
+from anyio.abc import TaskGroup
 
 from remote_exec.exceptions import (
     CallCancelledError,
@@ -49,6 +50,7 @@ __all__ = [
     "RuntimeCall",
     "StreamCall",
     "SyncCall",
+    "runner_in",
 ]
 
 logger = logging.getLogger("remote_exec.runtime")
@@ -1030,3 +1032,21 @@ class Runner:
             self.instance.runners.discard(self)
             while self.ready:
                 await self.ready.popleft().abort()
+
+
+def runner_in(runners: dict[Instance, Runner], instance: Instance, tg: TaskGroup) -> Runner:
+    """The live runner of ``instance`` in ``runners`` (a peer's), started in
+    ``tg`` if it has none; it leaves ``runners`` when it ends."""
+    runner = runners.get(instance)
+    if runner is None or not runner.alive:
+        runner = runners[instance] = Runner(instance)
+        tg.start_soon(_run_runner, runners, runner)
+    return runner
+
+
+async def _run_runner(runners: dict[Instance, Runner], runner: Runner) -> None:
+    try:
+        await runner.run()
+    finally:
+        if runners.get(runner.instance) is runner:
+            del runners[runner.instance]

@@ -18,7 +18,7 @@ from anyio.abc import TaskGroup
 from remote_exec.exceptions import ExecutorStateError, exception_type_name
 from remote_exec.invocations import InvocationScope
 
-from .calls import Runner, RuntimeCall, StreamCall
+from .calls import Runner, RuntimeCall, StreamCall, runner_in
 from .instances import Instance
 
 __all__ = ["DetachedPeer"]
@@ -91,20 +91,9 @@ class DetachedPeer:
             del self.calls[call.sid]
 
     def runner_for(self, instance: Instance) -> Runner:
-        runner = self.runners.get(instance)
-        if runner is None or not runner.alive:
-            if self.tg is None:
-                raise ExecutorStateError("detached async calls are not hosted here")
-            runner = self.runners[instance] = Runner(instance)
-            self.tg.start_soon(self._run_runner, runner)
-        return runner
-
-    async def _run_runner(self, runner: Runner) -> None:
-        try:
-            await runner.run()
-        finally:
-            if self.runners.get(runner.instance) is runner:
-                del self.runners[runner.instance]
+        if self.tg is None:
+            raise ExecutorStateError("detached async calls are not hosted here")
+        return runner_in(self.runners, instance, self.tg)
 
     def stop(self) -> None:
         """The side is shutting down: nothing more runs for this peer."""

@@ -23,7 +23,7 @@ from remote_exec.messages import Call, Cancel, Close, Credit, Message
 from remote_exec.protocol import Decoded, FramePieces, Limits, RpcConnection, Side
 from remote_exec.registry import InstanceRegistry
 from remote_exec.runtime.backend import threadsafe_call_soon
-from remote_exec.runtime.calls import RUNNING, Runner, RuntimeCall, StreamCall
+from remote_exec.runtime.calls import RUNNING, Runner, RuntimeCall, StreamCall, runner_in
 from remote_exec.runtime.instances import Instance
 from remote_exec.runtime.transport import FrameTransport
 
@@ -421,19 +421,8 @@ class Connection:
 
     # -- going away ---------------------------------------------------------------
     def runner_for(self, instance: Instance) -> Runner:
-        runner = self.runners.get(instance)
-        if runner is None or not runner.alive:
-            assert self.tg is not None
-            runner = self.runners[instance] = Runner(instance)
-            self.tg.start_soon(self._run_runner, runner)
-        return runner
-
-    async def _run_runner(self, runner: Runner) -> None:
-        try:
-            await runner.run()
-        finally:
-            if self.runners.get(runner.instance) is runner:
-                del self.runners[runner.instance]
+        assert self.tg is not None
+        return runner_in(self.runners, instance, self.tg)
 
     def shutdown(self, reason: str) -> None:
         """Server shutdown: fail every open call, say goodbye, stop reading."""
