@@ -79,14 +79,17 @@ async def test_follow_a_log_while_the_call_runs(
     async with executor.remote_instance(chatty, tag, tag):
         invocation = await executor.submit(chatty.hold, str(gate))
         await listed(executor, tag, "hold", "running")
-        with anyio.fail_after(20):
-            async with invocation.follow_log() as records:
-                first = await anext(records)
-                # The record arrived while the call still runs.
-                assert first.message == "waiting for gate"
-                assert (await invocation.info()).status is InvocationStatus.RUNNING
-                gate.touch()
-                rest = [entry.message async for entry in records]  # ends with the call
+        try:
+            with anyio.fail_after(20):
+                async with invocation.follow_log() as records:
+                    first = await anext(records)
+                    # The record arrived while the call still runs.
+                    assert first.message == "waiting for gate"
+                    assert (await invocation.info()).status is InvocationStatus.RUNNING
+                    gate.touch()
+                    rest = [entry.message async for entry in records]  # ends with the call
+        finally:
+            gate.touch()  # whatever happened above, the held call ends
         assert rest == ["released"]
         assert await invocation.result() == "released"
         # A finished invocation's log can still be followed: what it kept, then the end.

@@ -73,19 +73,25 @@ async def test_cancelling_the_submitter_does_not_stop_it(
     gate = tmp_path / "gate"
     async with executor.remote_instance(chatty, tag, tag):
         handles: list[Invocation] = []
-        async with anyio.create_task_group() as tg:
+        submitted = anyio.Event()
+        try:
+            async with anyio.create_task_group() as tg:
 
-            async def submit_then_wait() -> None:
-                invocation = await executor.submit(chatty.hold, str(gate), "kept")
-                handles.append(invocation)
-                await invocation.result()  # cancelled below, while it waits
+                async def submit_then_wait() -> None:
+                    invocation = await executor.submit(chatty.hold, str(gate), "kept")
+                    handles.append(invocation)
+                    submitted.set()
+                    await invocation.result()  # cancelled below, while it waits
 
-            tg.start_soon(submit_then_wait)
-            await listed(executor, tag, "hold", "running")
-            tg.cancel_scope.cancel()
-        (invocation,) = handles
-        assert (await invocation.info()).status is InvocationStatus.RUNNING
-        gate.touch()
+                tg.start_soon(submit_then_wait)
+                with anyio.fail_after(10):
+                    await submitted.wait()
+                await listed(executor, tag, "hold", "running")
+                tg.cancel_scope.cancel()
+            (invocation,) = handles
+            assert (await invocation.info()).status is InvocationStatus.RUNNING
+        finally:
+            gate.touch()  # whatever happened above, the held call ends
         with anyio.fail_after(10):
             assert await invocation.result() == "kept"
 
